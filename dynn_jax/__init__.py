@@ -1,0 +1,7 @@
+"""dynn_jax: dynamic neural networks for resource management in mobile edge computing."""
+from dynn_jax.config import ConfigError, MECConfig
+from dynn_jax.env import Costs, Decision, Slots, sample_slots, slot_costs
+from dynn_jax.solvers import equal_split, optimal_allocation
+
+__all__ = ['ConfigError', 'Costs', 'Decision', 'MECConfig', 'Slots', 'equal_split',
+           'optimal_allocation', 'sample_slots', 'slot_costs']

@@ -1,0 +1,206 @@
+"""The MEC environment as pure functions over batches of slots.
+
+Every per-user array has shape [..., W] where W = config.width (the padded number of
+users); `Slots.mask` marks the real users. Leading axes are free: one slot is [W], a
+batch is [B, W]. Nothing here loops over users or slots, so everything jits and vmaps.
+
+Zero-size tasks take no time anywhere; a zero-workload task takes no compute time but
+still has to be transmitted when offloaded. An offloaded task with s > 0 and no
+bandwidth (or c s > 0 and no CPU) takes +inf and misses its deadline; never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dynn_jax.config import MECConfig
+
+Array = jax.Array
+_LN2 = math.log(2.0)
+
+
+class Slots(NamedTuple):
+  """A batch of slots. Units: bits, cycles/bit, s, m, Hz."""
+  s: Array       # task size
+  c: Array       # workload per bit
+  d: Array       # deadline
+  l: Array       # distance to the server
+  f_loc: Array   # local CPU (0 in case 1: users cannot compute)
+  mask: Array    # bool, True for a real user
+
+  @property
+  def n_users(self) -> Array:
+    return self.mask.sum(-1)
+
+
+class Decision(NamedTuple):
+  """What a method decides for a batch of slots (same shapes as `Slots`)."""
+  x: Array   # bool: offloaded
+  b: Array   # uplink bandwidth, Hz
+  f: Array   # server CPU, cycles/s
+
+
+class Costs(NamedTuple):
+  """Per-user quantities [..., W] (zero for padded users) and per-slot metrics [...]."""
+  t_tra: Array
+  t_com: Array
+  t_loc: Array
+  t_inf: Array
+  delay: Array          # service delay T_i
+  energy: Array         # user energy
+  miss: Array           # bool, T_i > d_i
+  weight: Array         # importance weight w_i
+  cost: Array           # user's share of the objective
+  objective: Array      # [...] sum of `cost`
+  mean_delay: Array     # [...] s, mean over real users
+  miss_ratio: Array     # [...] in [0, 1]
+  total_energy: Array   # [...] J, summed over users
+  weighted_delay: Array # [...] sum_i w_i (T_tra_i + T_com_i) over offloaded users
+  inference_share: Array  # [...] sum T_inf / sum T_i
+
+
+def safe_div(num: Array, den: Array) -> Array:
+  """num / den with 0 / 0 = 0 and finite gradients wherever the value is finite."""
+  zero_num = num == 0
+  den_ok = jnp.where(zero_num | (den == 0), 1.0, den)
+  value = jnp.where(zero_num, 0.0, num / den_ok)
+  return jnp.where(~zero_num & (den == 0), jnp.inf, value)
+
+
+def snr_coefficient(l: Array, config: MECConfig) -> Array:
+  """K_i (Hz) such that the SNR at bandwidth b is K_i / b."""
+  gain = config.g0 * (config.l0 / l) ** config.path_loss_exp
+  return gain * config.p_tx / config.noise_psd
+
+
+def uplink_rate(b: Array, l: Array, config: MECConfig) -> Array:
+  """Shannon rate b log2(1 + K / b) in bit/s; 0 at b = 0 with a finite gradient."""
+  k = snr_coefficient(l, config)
+  positive = b > 0
+  b_safe = jnp.where(positive, b, 1.0)
+  return jnp.where(positive, b_safe * jnp.log1p(k / b_safe) / _LN2, 0.0)
+
+
+def transmission_delay(s: Array, b: Array, l: Array, config: MECConfig) -> Array:
+  return safe_div(s, uplink_rate(b, l, config))
+
+
+def compute_delay(s: Array, c: Array, f: Array) -> Array:
+  return safe_div(c * s, f)
+
+
+def importance_weight(slots: Slots, config: MECConfig) -> Array:
+  """w_i = gamma (c_i / c_max)(s_i / s_max) / d_i[ms]; zero for padded users."""
+  w = config.gamma * (slots.c / config.c_max) * (slots.s / config.s_max) / (slots.d * 1e3)
+  return jnp.where(slots.mask, w, 0.0)
+
+
+def _uniform(key, shape, low, high, dtype, open_low=False):
+  u = jax.random.uniform(key, shape, dtype)
+  if open_low:  # (low, high]: 1 - U[0, 1) never hits low
+    u = 1.0 - u
+  return low + (high - low) * u
+
+
+def sample_slots(key: Array, config: MECConfig, batch: int | None = None,
+                 n_users: int | Array | None = None, dtype=None) -> Slots:
+  """Draws `batch` slots ([batch, W] arrays; [W] when batch is None).
+
+  `n_users` (default config.n_users) may be a traced integer, so one compiled function
+  serves every N up to config.width. Users beyond it are padded out by the mask.
+  """
+  dtype = dtype or jnp.zeros(()).dtype  # float64 under jax_enable_x64
+  shape = (config.width,) if batch is None else (batch, config.width)
+  ks, kc, kd, kl, kf = jax.random.split(key, 5)
+  n = config.n_users if n_users is None else n_users
+  mask = jnp.broadcast_to(jnp.arange(config.width) < n, shape)
+  s = _uniform(ks, shape, 0.0, config.s_max, dtype, open_low=True)
+  c = _uniform(kc, shape, 0.0, config.c_max, dtype, open_low=True)
+  d = _uniform(kd, shape, config.d_min, config.d_max, dtype)
+  l = _uniform(kl, shape, config.dist_min, config.dist_max, dtype)
+  if config.case == 1:
+    f_loc = jnp.zeros(shape, dtype)
+  else:
+    f_loc = _uniform(kf, shape, config.f_loc_min, config.f_loc_max, dtype)
+  zero = jnp.zeros((), dtype)
+  pad = lambda a: jnp.where(mask, a, zero)
+  # Padded users get harmless finite values so that no formula sees 0/0 or l = 0.
+  return Slots(s=pad(s), c=pad(c), d=jnp.where(mask, d, config.d_max),
+               l=jnp.where(mask, l, config.dist_max), f_loc=pad(f_loc), mask=mask)
+
+
+# Ranges that map every feature into [0, 1] (see WORKSPACE.md, "Features").
+def feature_ranges(config: MECConfig) -> tuple[tuple[float, float], ...]:
+  f_lo, f_hi = (0.0, 1.0) if config.case == 1 else (config.f_loc_min, config.f_loc_max)
+  return ((0.0, config.s_max), (0.0, config.c_max), (config.d_min, config.d_max),
+          (config.dist_min, config.dist_max), (f_lo, f_hi))
+
+
+def normalized_features(slots: Slots, config: MECConfig) -> Array:
+  """u_i = (s, c, d, l, f_loc) mapped to [0, 1]: [..., W, 5]; zero for padded users."""
+  columns = []
+  for value, (lo, hi) in zip((slots.s, slots.c, slots.d, slots.l, slots.f_loc),
+                             feature_ranges(config)):
+    columns.append((value - lo) / (hi - lo))
+  u = jnp.stack(columns, -1)
+  return jnp.where(slots.mask[..., None], u, 0.0)
+
+
+NUM_FEATURES = 5
+
+
+def edge_delays(slots: Slots, b: Array, f: Array, config: MECConfig) -> tuple[Array, Array]:
+  """(T_tra, T_com) for every user as if offloaded with bandwidth b and CPU f."""
+  return transmission_delay(slots.s, b, slots.l, config), compute_delay(slots.s, slots.c, f)
+
+
+def local_delay(slots: Slots) -> Array:
+  return safe_div(slots.c * slots.s, slots.f_loc)
+
+
+def weighted_edge_delay(slots: Slots, x: Array, b: Array, f: Array,
+                        config: MECConfig) -> Array:
+  """sum_i w_i (T_tra_i + T_com_i) over offloaded real users: [...]."""
+  t_tra, t_com = edge_delays(slots, b, f, config)
+  w = importance_weight(slots, config)
+  take = x & slots.mask & (w > 0)
+  return jnp.where(take, w * (t_tra + t_com), 0.0).sum(-1)
+
+
+def slot_costs(slots: Slots, decision: Decision, config: MECConfig,
+               t_inf_edge: Array | float = 0.0, t_inf_loc: Array | float = 0.0) -> Costs:
+  """Every delay, energy, miss and the objective of SPEC section 1.
+
+  `t_inf_edge` / `t_inf_loc` (s) are the inference delays seen by offloaded / local
+  users; scalars or arrays broadcastable to the batch shape [...].
+  """
+  mask = slots.mask
+  x = jnp.asarray(decision.x).astype(bool) & mask
+  t_tra, t_com = edge_delays(slots, decision.b, decision.f, config)
+  t_loc = local_delay(slots)
+  t_inf = jnp.where(x, jnp.asarray(t_inf_edge)[..., None], jnp.asarray(t_inf_loc)[..., None])
+  t_inf = jnp.where(mask, t_inf, 0.0)
+  # where, not x * a + (1 - x) * b: the unused branch may be +inf.
+  delay = jnp.where(mask, t_inf + jnp.where(x, t_tra + t_com, t_loc), 0.0)
+  e_edge = config.p_tx * t_tra
+  e_loc = config.mu * slots.c * slots.s * slots.f_loc ** 2
+  energy = jnp.where(mask, jnp.where(x, e_edge, e_loc), 0.0)
+  miss = mask & (delay > slots.d)
+  cost = jnp.where(mask, config.alpha * delay + config.beta * energy
+                   + config.delta * miss, 0.0)
+  n = jnp.maximum(mask.sum(-1), 1)
+  w = importance_weight(slots, config)
+  edge = x & (w > 0)
+  weighted = jnp.where(edge, w * (t_tra + t_com), 0.0).sum(-1)
+  total_delay = delay.sum(-1)
+  return Costs(
+      t_tra=jnp.where(x, t_tra, 0.0), t_com=jnp.where(x, t_com, 0.0),
+      t_loc=jnp.where(mask & ~x, t_loc, 0.0), t_inf=t_inf, delay=delay, energy=energy,
+      miss=miss, weight=w, cost=cost, objective=cost.sum(-1),
+      mean_delay=total_delay / n, miss_ratio=miss.sum(-1) / n,
+      total_energy=energy.sum(-1), weighted_delay=weighted,
+      inference_share=safe_div(t_inf.sum(-1), total_delay))
