@@ -166,9 +166,13 @@ def weighted_edge_delay(slots: Slots, x: Array, b: Array, f: Array,
                         config: MECConfig) -> Array:
   """sum_i w_i (T_tra_i + T_com_i) over offloaded real users: [...]."""
   t_tra, t_com = edge_delays(slots, b, f, config)
-  w = importance_weight(slots, config)
-  take = x & slots.mask & (w > 0)
-  return jnp.where(take, w * (t_tra + t_com), 0.0).sum(-1)
+  take = jnp.asarray(x).astype(bool) & slots.mask
+  return _weighted_sum(importance_weight(slots, config), take, t_tra + t_com)
+
+
+def _weighted_sum(w: Array, take: Array, t: Array) -> Array:
+  # Zero-weight users drop out even where t is +inf (0 * inf would be NaN).
+  return jnp.where(take & (w > 0), w * t, 0.0).sum(-1)
 
 
 def slot_costs(slots: Slots, decision: Decision, config: MECConfig,
@@ -194,8 +198,7 @@ def slot_costs(slots: Slots, decision: Decision, config: MECConfig,
                    + config.delta * miss, 0.0)
   n = jnp.maximum(mask.sum(-1), 1)
   w = importance_weight(slots, config)
-  edge = x & (w > 0)
-  weighted = jnp.where(edge, w * (t_tra + t_com), 0.0).sum(-1)
+  weighted = _weighted_sum(w, x, t_tra + t_com)
   total_delay = delay.sum(-1)
   return Costs(
       t_tra=jnp.where(x, t_tra, 0.0), t_com=jnp.where(x, t_com, 0.0),

@@ -1,2 +1,5 @@
 """Allocation and offloading solvers: exact optimum, heuristics and baselines."""
 from dynn_jax.solvers.allocation import equal_split, optimal_allocation
+from dynn_jax.solvers.ga import GAConfig, ga_solve
+from dynn_jax.solvers.offloading import (all_local, all_offload, exhaustive_search,
+                                         random_offload)

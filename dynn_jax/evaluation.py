@@ -1,0 +1,260 @@
+"""Evaluation of every method on the same sampled slots (SPEC sections 1, 5 and 6).
+
+A *method* maps (key, slots, params) to an `Outcome`: the decision, the inference
+delays its users see and the counted ops it ran. `evaluate` samples slots in chunks
+(memory stays bounded for any number of slots), runs every method on the same chunk,
+scores it with `slot_costs` and accumulates per-slot metrics into means with 95%
+confidence intervals.
+
+Inference delay modes: 'modelled' (counted ops * cycles_per_op / f_ser, SPEC
+section 2) or 'measured' (a per-device latency table from the benchmark module, see
+`dynn_jax.latency`). The optimum, equal split, GA and the offloading baselines have no
+network: in modelled mode they add no inference delay; in measured mode their own
+measured per-slot run time is added when the table has it.
+
+Networks read features normalised with the ranges of the configuration they were
+trained on (`feature_config`), so that a sweep (e.g. of s_avg) shows them inputs they
+can tell apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynn_jax import ops
+from dynn_jax.config import MECConfig
+from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
+from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
+                             allocate, kl_to_option, option_to_kl)
+from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
+                              optimal_allocation, random_offload)
+
+Array = jax.Array
+
+
+class Params(NamedTuple):
+  """Trained parameters (None where a network was not trained)."""
+  allocator: Any = None
+  static: Any = None
+  policy: Any = None
+  scheduler: Any = None
+
+
+class Outcome(NamedTuple):
+  decision: Decision
+  t_inf_edge: Array   # [...] s
+  t_inf_loc: Array    # [...] s
+  ops: Array          # [...] counted ops run for the slot
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """What every method needs besides the slots: configs and the delay model."""
+  mec: MECConfig
+  model: ModelConfig
+  feature_config: MECConfig
+  delay: Any = None   # a dynn_jax.latency.MeasuredTable, or None for modelled delays
+
+  @property
+  def mode(self) -> str:
+    return 'modelled' if self.delay is None else 'measured'
+
+
+METHODS_CASE1 = ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
+                 'equal_split', 'ga')
+METHODS_CASE2 = ('pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local', 'exhaustive', 'ga')
+NEEDS = {'policy_moe': ('allocator', 'policy'), 'pmrl': ('allocator', 'policy', 'scheduler'),
+         'fix_width': ('allocator', 'policy'), 'fix_depth': ('allocator', 'policy'),
+         'fix_moe': ('allocator',), 'static': ('static',)}
+
+
+def _zeros(slots: Slots) -> Array:
+  return jnp.zeros(slots.mask.shape[:-1], slots.s.dtype)
+
+
+def _scheduler_x(setting: Setting, params: Params, feats: Array, slots: Slots) -> Array:
+  """Case 2: offload where the scheduler's probability exceeds 1/2; case 1: everyone."""
+  if setting.mec.case == 1:
+    return slots.mask
+  prob = Scheduler(setting.model).apply({'params': params.scheduler}, feats, slots.mask).prob
+  return slots.mask & (prob > 0.5)
+
+
+def _restricted_choice(logits: Array, model: ModelConfig, fix: str) -> tuple[Array, Array]:
+  """The policy's best option with k = K ('width' fixed) or l = L ('depth' fixed)."""
+  k, l = option_to_kl(jnp.arange(model.num_options), model)
+  allowed = {'none': jnp.ones_like(k, bool), 'width': k == model.num_experts,
+             'depth': l == model.max_depth}[fix]
+  return option_to_kl(jnp.argmax(jnp.where(allowed, logits, -jnp.inf), -1), model)
+
+
+def _pipeline_delays(setting: Setting, k, l, x: Array, slots: Slots, policy: bool,
+                     static: bool = False) -> tuple[Array, Array, Array]:
+  """(t_inf_edge, t_inf_loc, ops) of the network pipeline that decided the slot."""
+  model, mec = setting.model, setting.mec
+  n_off, n_users = x.sum(-1), slots.mask.sum(-1)
+  scheduler = mec.case == 2
+  sched_ops = ops.scheduler_ops(model, n_users) if scheduler else 0.0
+  if static:
+    net_ops = ops.static_ops(model, n_off) + sched_ops
+  else:
+    net_ops = ops.allocation_ops(model, k, l, n_off) + sched_ops
+    if policy:
+      net_ops = net_ops + ops.policy_ops(model)
+  if setting.delay is not None:
+    edge, loc = setting.delay.pipeline(k, l, policy=policy, scheduler=scheduler,
+                                       static=static)
+    return jnp.broadcast_to(edge, n_off.shape), jnp.broadcast_to(loc, n_off.shape), net_ops
+  if static:
+    d = ops.static_inference_delays(model, mec, n_off, n_users, scheduler=scheduler)
+  else:
+    d = ops.inference_delays(model, mec, k, l, n_off, n_users, scheduler=scheduler,
+                             policy=policy)
+  return d.edge, d.loc, net_ops
+
+
+def _moe_method(fix: str, use_policy: bool):
+  def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+    model = setting.model
+    feats = normalized_features(slots, setting.feature_config)
+    x = _scheduler_x(setting, params, feats, slots)
+    batch = slots.mask.shape[:-1]
+    if use_policy:
+      logits = Policy(model).apply({'params': params.policy}, feats, x)
+      k, l = _restricted_choice(logits, model, fix)
+    else:
+      k = jnp.full(batch, model.num_experts, jnp.int32)
+      l = jnp.full(batch, model.max_depth, jnp.int32)
+    out = MoEAllocator(model).apply({'params': params.allocator}, feats, x, k, l)
+    edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=use_policy)
+    return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
+  return run
+
+
+def _static(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  feats = normalized_features(slots, setting.feature_config)
+  x = _scheduler_x(setting, params, feats, slots)
+  out = StaticAllocator(setting.model).apply({'params': params.static}, feats, x)
+  edge, loc, n_ops = _pipeline_delays(setting, None, None, x, slots, policy=False,
+                                      static=True)
+  return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
+
+
+def _solver_method(name: str, offload: Callable, allocate_fn: Callable):
+  def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+    x = offload(key, slots)
+    decision = allocate_fn(slots, x, setting.mec)
+    own = _zeros(slots) if setting.delay is None else setting.delay.solver(name, _zeros(slots))
+    return Outcome(decision, own, own, _zeros(slots))
+  return run
+
+
+def _everyone(key, slots):
+  return slots.mask
+
+
+def _ga(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  own = _zeros(slots) if setting.delay is None else setting.delay.solver('ga', _zeros(slots))
+  decision, _ = ga_solve(key, slots, setting.mec, GAConfig(), own, own)
+  return Outcome(decision, own, own, _zeros(slots))
+
+
+def _exhaustive(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  own = _zeros(slots)
+  return Outcome(exhaustive_search(slots, setting.mec, own, own), own, own, own)
+
+
+METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
+    'policy_moe': _moe_method('none', True),
+    'pmrl': _moe_method('none', True),
+    'fix_width': _moe_method('width', True),
+    'fix_depth': _moe_method('depth', True),
+    'fix_moe': _moe_method('none', False),
+    'static': _static,
+    'optimal': _solver_method('optimal', _everyone, optimal_allocation),
+    'equal_split': _solver_method('equal_split', _everyone, equal_split),
+    'random': _solver_method('optimal', lambda key, s: random_offload(key, s),
+                             optimal_allocation),
+    'local': _solver_method('local', lambda key, s: all_local(s), equal_split),
+    'ga': _ga,
+    'exhaustive': _exhaustive,
+}
+
+
+def check_methods(names, params: Params, setting: Setting) -> None:
+  """Unknown names, missing networks and impossible choices fail before any work."""
+  for name in names:
+    if name not in METHODS:
+      raise ValueError(f'unknown method {name!r}; known: {sorted(METHODS)}')
+    missing = [n for n in NEEDS.get(name, ()) if getattr(params, n) is None]
+    if name == 'pmrl' and setting.mec.case == 1:
+      missing = [n for n in missing if n != 'scheduler']
+    if missing:
+      raise ValueError(f'method {name!r} needs trained {missing}; train them first')
+    if name in ('pmrl',) and setting.mec.case != 2:
+      raise ValueError("method 'pmrl' is the case-2 pipeline; use 'policy_moe' in case 1")
+    if name in METHODS_CASE2 and name in ('random', 'local', 'exhaustive') and (
+        setting.mec.case != 2):
+      raise ValueError(f'method {name!r} decides offloading: it needs case 2')
+    if name == 'exhaustive' and setting.mec.width > 12:
+      raise ValueError(f"method 'exhaustive' needs N_max <= 12, got {setting.mec.width}")
+
+
+METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_delay',
+           'inference_share', 'ops', 'offload_ratio')
+
+
+def _slot_metrics(setting: Setting, outcome: Outcome, slots: Slots) -> dict[str, Array]:
+  costs = slot_costs(slots, outcome.decision, setting.mec, outcome.t_inf_edge,
+                     outcome.t_inf_loc)
+  n = jnp.maximum(slots.mask.sum(-1), 1)
+  return {'objective': costs.objective, 'mean_delay': costs.mean_delay,
+          'miss_ratio': costs.miss_ratio, 'total_energy': costs.total_energy,
+          'weighted_delay': costs.weighted_delay, 'inference_share': costs.inference_share,
+          'ops': jnp.asarray(outcome.ops, costs.objective.dtype),
+          'offload_ratio': (outcome.decision.x & slots.mask).sum(-1) / n}
+
+
+def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Params,
+               chunk: int, n_users=None) -> dict:
+  """Sums and sums of squares of every metric over one chunk of fresh slots."""
+  k_slots, k_methods = jax.random.split(key)
+  slots = sample_slots(k_slots, setting.mec, chunk, n_users=n_users)
+  out = {}
+  for i, name in enumerate(names):
+    outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), slots, params)
+    metrics = _slot_metrics(setting, outcome, slots)
+    out[name] = {m: (v.sum(), (v * v).sum()) for m, v in metrics.items()}
+  return out
+
+
+def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int = 8192,
+             seed: int = 0, n_users=None) -> dict:
+  """Means and 95% confidence half-widths of every metric, for every method."""
+  names = tuple(names)
+  check_methods(names, params, setting)
+  chunk = min(chunk, slots)
+  n_chunks = math.ceil(slots / chunk)
+  run = jax.jit(chunk_sums, static_argnums=(0, 1, 4))
+  key = jax.random.PRNGKey(seed)
+  totals = None
+  for i in range(n_chunks):
+    sums = jax.device_get(run(setting, names, jax.random.fold_in(key, i), params, chunk,
+                              n_users))
+    sums = jax.tree.map(lambda a: np.float64(a), sums)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  n = n_chunks * chunk
+  return {name: {m: _mean_ci(s, q, n) for m, (s, q) in metrics.items()}
+          for name, metrics in totals.items()} | {'_slots': n, '_mode': setting.mode}
+
+
+def _mean_ci(total: float, squares: float, n: int) -> dict:
+  mean = total / n
+  var = max(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)
+  return {'mean': float(mean), 'ci95': float(1.96 * math.sqrt(var / n))}

@@ -1,0 +1,82 @@
+"""Human-readable summaries of trained networks (tables for stdout and summary.json)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dynn_jax.config import MECConfig
+from dynn_jax.evaluation import Params, Setting, evaluate
+from dynn_jax.models import ModelConfig
+from dynn_jax.env import sample_slots
+from dynn_jax.training import (TrainConfig, optimal_weighted_delay, static_gap,
+                               subnetwork_gaps)
+
+HELD_OUT_SEED = 10_007  # never a training seed's stream: training keys come from fold_in
+
+
+def quality_gaps(mec: MECConfig, model: ModelConfig, params: Params, slots: int,
+                 seed: int = HELD_OUT_SEED) -> dict:
+  """Weighted-delay gap to the optimal allocation, every task offloaded, no inference
+  delay: [K][L] for the DyNN and one number for the static baseline."""
+  held_out = sample_slots(jax.random.PRNGKey(seed), mec, slots)
+  x = held_out.mask
+  optimum = optimal_weighted_delay(held_out, x, mec)
+  gaps = np.asarray(jax.jit(subnetwork_gaps, static_argnums=(0, 1))(
+      model, mec, params.allocator, held_out, x, optimum))
+  out = {'subnetwork_gap': gaps.tolist(), 'full_gap': float(gaps[-1, -1]),
+         'worst_gap': float(gaps.max()), 'slots': slots}
+  if params.static is not None:
+    out['static_gap'] = float(static_gap(model, mec, params.static, held_out, x, optimum))
+  return out
+
+
+def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:
+  if mec.case == 1:
+    names = ['policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
+             'equal_split']
+  else:
+    names = ['pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local']
+  needs_policy = ('policy_moe', 'fix_width', 'fix_depth', 'pmrl')
+  return tuple(n for n in names
+               if not (n in needs_policy and params.policy is None)
+               and not (n == 'pmrl' and params.scheduler is None)
+               and not (n == 'static' and params.static is None)
+               and not (n == 'fix_moe' and mec.case == 2 and params.scheduler is None))
+
+
+def methods_table(results: dict) -> str:
+  header = (f'{"method":12s} {"objective":>10s} {"delay ms":>9s} {"miss %":>7s} '
+            f'{"energy J":>9s} {"w.delay":>8s} {"inf.share":>9s} {"Mops":>7s} {"offload":>7s}')
+  lines = [header]
+  for name, m in results.items():
+    if name.startswith('_'):
+      continue
+    lines.append(f'{name:12s} {m["objective"]["mean"]:10.4f} {1e3 * m["mean_delay"]["mean"]:9.3f}'
+                 f' {100 * m["miss_ratio"]["mean"]:7.2f} {m["total_energy"]["mean"]:9.4f}'
+                 f' {m["weighted_delay"]["mean"]:8.4f} {m["inference_share"]["mean"]:9.4f}'
+                 f' {m["ops"]["mean"] / 1e6:7.3f} {m["offload_ratio"]["mean"]:7.3f}')
+  return '\n'.join(lines)
+
+
+def gap_table(gaps: list[list[float]]) -> str:
+  gaps = np.asarray(gaps)
+  lines = ['gap to optimum (%)  ' + ' '.join(f'l={l + 1:<6d}' for l in range(gaps.shape[1]))]
+  for k in range(gaps.shape[0]):
+    lines.append(f'k={k + 1:<18d}' + ' '.join(f'{100 * g:<8.2f}' for g in gaps[k]))
+  return '\n'.join(lines)
+
+
+def training_summary(mec: MECConfig, model: ModelConfig, train: TrainConfig,
+                     params: Params, chunk: int = 8192) -> dict:
+  quality = quality_gaps(mec, model, params, min(train.eval_slots, 4096))
+  setting = Setting(mec=mec, model=model, feature_config=mec)
+  results = evaluate(setting, default_methods(mec, params), params, slots=train.eval_slots,
+                     chunk=chunk, seed=HELD_OUT_SEED)
+  text = [gap_table(quality['subnetwork_gap'])]
+  if 'static_gap' in quality:
+    text.append(f'static baseline gap: {100 * quality["static_gap"]:.2f} %')
+  text.append(f'\nheld-out evaluation, {results["_slots"]} slots, {results["_mode"]} '
+              'inference delay:')
+  text.append(methods_table(results))
+  return {'quality': quality, 'evaluation': results, 'text': '\n'.join(text)}

@@ -1,0 +1,538 @@
+"""Training (SPEC section 4): the allocation DyNN by progressive shrinking, the static
+baseline, the policy (supervised) and the scheduler (policy gradient).
+
+Every phase is a sequence of jit-compiled *chunks*, each `steps_per_call` steps under
+`lax.scan`, with fresh slots sampled on device every step. The key of step t is
+`fold_in(phase_key, t)`, so a run resumed from a checkpoint at any chunk boundary ends
+with exactly the parameters of an uninterrupted run.
+
+Allocation step (one batch, two sequential updates on the same input):
+  1. loss sum_i w_i T_tra_i through head A (bandwidth shares), update;
+  2. loss sum_i w_i T_com_i through head B (CPU shares), update.
+Each slot of the batch trains its own sub-network (k, l), drawn uniformly from the
+range the schedule allows at that step:
+  * progressive: (K, L) only; then k from a range growing down to 1 at depth L; then
+    every k with l from a range growing down to 1 (`dynamic` = 'width' or 'depth'
+    keeps the other dimension at its maximum);
+  * scratch: every allowed (k, l) from the first step.
+
+Policy labels: for each slot, the (k, l) minimising the mean edge cost over the
+offloaded users, C_edge_i = alpha (w_i T_inf_edge(k, l) + T_edge_i) + beta E_edge_i,
+with all K x L sub-networks evaluated in one vmapped call; loss: cross-entropy over the
+K * L options.
+
+Scheduler (case 2): x_i ~ Bernoulli(p_i); with C_loc_i = alpha (w_i T_inf_loc + T_loc_i)
++ beta E_loc_i, we maximise the mean of (C_loc_i - C_edge_i) p_i for offloaded users and
+(C_edge_i - C_loc_i)(1 - p_i) for local ones: SPEC section 4's rule with the probability
+of the action actually taken, so that each term pushes towards the cheaper choice. A
+local user's C_edge_i is its cost had it joined the offloaded set alone: its head
+logits against the offloaded users' softmax normaliser (one extra allocator pass over
+all users).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from dynn_jax import ops
+from dynn_jax.config import ConfigError, MECConfig
+from dynn_jax.evaluation import Params
+from dynn_jax.io import write_bytes_atomic
+from dynn_jax.env import (Slots, compute_delay, importance_weight, local_delay,
+                          normalized_features, sample_slots, transmission_delay)
+from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
+                             StaticAllocator, all_subnetworks, choose_kl, moe_forward,
+                             option_to_kl)
+from dynn_jax.runs import Progress, RunDir
+from dynn_jax.solvers import optimal_allocation
+
+Array = jax.Array
+
+SCHEDULES = ('progressive', 'scratch')
+DYNAMIC = ('full', 'width', 'depth')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything about training that is not the system or the network sizes."""
+  seed: int = 0
+  batch: int = 64                   # slots per step
+  alloc_lr: float = 1e-3
+  policy_lr: float = 1e-4
+  scheduler_lr: float = 2e-3
+  schedule: str = 'progressive'     # or 'scratch'
+  dynamic: str = 'full'             # which dimensions shrink: 'full', 'width', 'depth'
+  full_steps: int = 2000            # progressive stage 1: (K, L) only
+  width_steps: int = 2000           # stage 2: smaller widths
+  depth_steps: int = 1000           # stage 3: smaller depths
+  scratch_steps: int = 5000         # 'scratch': all sub-networks jointly
+  static_steps: int = 3000          # static baseline (0: not trained)
+  policy_steps: int = 1000          # policy pre-training with all tasks offloaded
+  joint_steps: int = 1000           # case 2 joint scheduler + policy loop
+  steps_per_call: int = 50          # steps per compiled chunk (lax.scan length)
+  checkpoint_every: int = 10        # chunks between checkpoints
+  offload_fraction_min: float = 1.0  # allocator trained on random offloaded subsets
+  eval_slots: int = 2048            # held-out slots for the final report
+
+  def __post_init__(self):
+    positive = ('batch', 'steps_per_call', 'checkpoint_every', 'eval_slots')
+    non_negative = ('full_steps', 'width_steps', 'depth_steps', 'scratch_steps',
+                    'static_steps', 'policy_steps', 'joint_steps', 'seed')
+    for name in positive + non_negative:
+      value = getattr(self, name)
+      low = 1 if name in positive else 0
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f'TrainConfig.{name} = {value!r}; must be an integer in [{low}, inf)')
+    for name in ('alloc_lr', 'policy_lr', 'scheduler_lr'):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f'TrainConfig.{name} = {value!r}; allowed range (0, inf)')
+    if self.schedule not in SCHEDULES:
+      raise ConfigError(f'TrainConfig.schedule = {self.schedule!r}; allowed: {SCHEDULES}')
+    if self.dynamic not in DYNAMIC:
+      raise ConfigError(f'TrainConfig.dynamic = {self.dynamic!r}; allowed: {DYNAMIC}')
+    if not 0.0 < self.offload_fraction_min <= 1.0:
+      raise ConfigError(f'TrainConfig.offload_fraction_min = {self.offload_fraction_min!r};'
+                        ' allowed range (0, 1]')
+
+  @property
+  def alloc_steps(self) -> int:
+    if self.schedule == 'scratch':
+      return self.scratch_steps
+    return self.full_steps + self.width_steps + self.depth_steps
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def phase_key(seed: int, name: str) -> Array:
+  """A key per (seed, phase name); crc32, not hash(): str hashes change per process."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) % (2 ** 31))
+
+
+class TrainState(NamedTuple):
+  params: Any
+  opt_state: Any
+  step: Array
+
+
+# ------------------------------------------------------------------ (k, l) schedule
+
+
+def _shrink(progress: Array, top: int) -> Array:
+  """Lowest value allowed when a range [.., top] grows down to 1 over progress in (0, 1]."""
+  return top - jnp.ceil(jnp.clip(progress, 0.0, 1.0) * (top - 1)).astype(jnp.int32)
+
+
+def kl_bounds(step: Array, train: TrainConfig, model: ModelConfig) -> tuple[Array, Array]:
+  """(k_low, l_low): the smallest width and depth trained at `step`."""
+  K, L = model.num_experts, model.max_depth
+  shrink_k = train.dynamic in ('full', 'width')
+  shrink_l = train.dynamic in ('full', 'depth')
+  if train.schedule == 'scratch':
+    return jnp.int32(1 if shrink_k else K), jnp.int32(1 if shrink_l else L)
+  s1, s2 = train.full_steps, train.width_steps
+  width_progress = (step - s1 + 1) / max(s2, 1)
+  depth_progress = (step - s1 - s2 + 1) / max(train.depth_steps, 1)
+  k_low = jnp.where(step < s1, K, _shrink(width_progress, K)) if shrink_k else jnp.int32(K)
+  l_low = jnp.where(step < s1 + s2, L, _shrink(depth_progress, L)) if shrink_l else jnp.int32(L)
+  return jnp.int32(k_low), jnp.int32(l_low)
+
+
+def sample_kl(key: Array, step: Array, shape: tuple[int, ...], train: TrainConfig,
+              model: ModelConfig) -> tuple[Array, Array]:
+  k_low, l_low = kl_bounds(step, train, model)
+  kk, kl = jax.random.split(key)
+  k = jax.random.randint(kk, shape, k_low, model.num_experts + 1)
+  l = jax.random.randint(kl, shape, l_low, model.max_depth + 1)
+  return k, l
+
+
+# ------------------------------------------------------------------- shared pieces
+
+
+def sample_offload(key: Array, slots: Slots, fraction_min: float) -> Array:
+  """All real users when fraction_min = 1; else each slot offloads a random fraction."""
+  if fraction_min >= 1.0:
+    return slots.mask
+  kq, kx = jax.random.split(key)
+  q = jax.random.uniform(kq, slots.mask.shape[:-1] + (1,), minval=fraction_min, maxval=1.0)
+  return slots.mask & (jax.random.uniform(kx, slots.mask.shape) < q)
+
+
+def weighted_parts(out: Allocation, slots: Slots, x: Array, config: MECConfig
+                   ) -> tuple[Array, Array]:
+  """Mean over slots of sum_i w_i T_tra_i and of sum_i w_i T_com_i (the two losses)."""
+  w = importance_weight(slots, config)
+  take = x & (w > 0)
+  t_tra = transmission_delay(slots.s, out.b_share * config.b_max, slots.l, config)
+  t_com = compute_delay(slots.s, slots.c, out.f_share * config.f_ser)
+  part = lambda t: jnp.where(take, w * t, 0.0).sum(-1).mean()
+  return part(t_tra), part(t_com)
+
+
+def _chunked_phase(name: str, run: RunDir | None, state: Any, total: int,
+                   train: TrainConfig, chunk: Callable,
+                   on_chunk: Callable[[int, Any], None] | None = None) -> Any:
+  """Runs `chunk` until `total` steps, resuming and checkpointing through `run`.
+
+  `on_chunk(step, state)` runs after every chunk (e.g. a quality check); its time is
+  not the phase's.
+  """
+  if run is not None:
+    restored = run.restore(name, state)
+    if restored is not None:
+      state = restored
+  done = int(state.step)
+  progress = Progress(name, total, start_step=done)
+  chunks = 0
+  while done < total:
+    steps = min(train.steps_per_call, total - done)
+    state, metrics = chunk(state, steps)
+    done = int(state.step)
+    chunks += 1
+    metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+    if run is not None:
+      run.log({'phase': name, 'step': done, 'time': time.time(), **metrics})
+    if on_chunk is not None:
+      on_chunk(done, state)
+    progress.update(done, force=done >= total, **metrics)
+    if run is not None and (chunks % train.checkpoint_every == 0 or done >= total):
+      run.save(name, state)
+  return state
+
+
+def _scan_chunk(step_fn: Callable, key: Array):
+  """jit(state, steps) running `step_fn(state, step_key)` `steps` times under scan."""
+  @jax.jit
+  def chunk(state, steps_array):
+    def body(state, _):
+      new_state, metrics = step_fn(state, jax.random.fold_in(key, state.step))
+      return new_state, metrics
+    return jax.lax.scan(body, state, steps_array)
+
+  # The scan length is static: a short final chunk is a second (and last) compile.
+  return lambda state, steps: chunk(state, jnp.zeros((steps,)))
+
+
+# ------------------------------------------------------------------- allocation
+
+
+def allocator_step(apply: Callable, tx: optax.GradientTransformation, mec: MECConfig,
+                   train: TrainConfig, model: ModelConfig, dynamic: bool):
+  """One two-update step of SPEC section 4; `apply(params, feats, x, k, l, key)`."""
+  def step(state: TrainState, key: Array):
+    ks, kx, kkl, kn = jax.random.split(key, 4)
+    slots = sample_slots(ks, mec, train.batch)
+    x = sample_offload(kx, slots, train.offload_fraction_min)
+    feats = normalized_features(slots, mec)
+    if dynamic:
+      k, l = sample_kl(kkl, state.step, (train.batch,), train, model)
+    else:
+      k = l = None
+
+    def loss(params, which):
+      return weighted_parts(apply(params, feats, x, k, l, kn), slots, x, mec)[which]
+
+    params, opt_state = state.params, state.opt_state
+    metrics = {}
+    for which, name in ((0, 'loss_tra'), (1, 'loss_com')):
+      value, grads = jax.value_and_grad(loss)(params, which)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      metrics[name] = value
+    return TrainState(params, opt_state, state.step + 1), metrics
+  return step
+
+
+def moe_apply(model: ModelConfig):
+  return lambda params, feats, x, k, l, key: moe_forward(model, params, feats, x, k, l, key)
+
+
+def static_apply(model: ModelConfig):
+  net = StaticAllocator(model)
+  return lambda params, feats, x, k, l, key: net.apply({'params': params}, feats, x)
+
+
+def init_params(module, key: Array, mec: MECConfig, *args) -> Any:
+  slots = sample_slots(jax.random.PRNGKey(0), mec, 1)
+  feats = normalized_features(slots, mec)
+  return module.init(key, feats, slots.mask, *args)['params']
+
+
+def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
+                    run: RunDir | None = None, params: Any = None,
+                    name: str = 'allocator', static: bool = False,
+                    on_chunk: Callable[[int, Any], None] | None = None) -> Any:
+  """Trains the DyNN (or the static baseline) and returns its parameters."""
+  key = phase_key(train.seed, name)
+  module = StaticAllocator(model) if static else MoEAllocator(model)
+  if params is None:
+    params = init_params(module, jax.random.fold_in(key, 0), mec)
+  tx = optax.adam(train.alloc_lr)
+  state = TrainState(params, tx.init(params), jnp.int32(0))
+  apply = static_apply(model) if static else moe_apply(model)
+  step = allocator_step(apply, tx, mec, train, model, dynamic=not static)
+  chunk = _scan_chunk(step, jax.random.fold_in(key, 1))
+  total = train.static_steps if static else train.alloc_steps
+  return _chunked_phase(name, run, state, total, train, chunk, on_chunk).params
+
+
+# ---------------------------------------------------------------- quality checks
+
+
+def weighted_delays(out: Allocation, slots: Slots, x: Array, mec: MECConfig) -> Array:
+  """Per-slot sum_i w_i (T_tra_i + T_com_i) of an allocator output: [...]."""
+  w = importance_weight(slots, mec)
+  t_tra = transmission_delay(slots.s, out.b_share * mec.b_max, slots.l, mec)
+  t_com = compute_delay(slots.s, slots.c, out.f_share * mec.f_ser)
+  return jnp.where(x & (w > 0), w * (t_tra + t_com), 0.0).sum(-1)
+
+
+def optimal_weighted_delay(slots: Slots, x: Array, mec: MECConfig) -> Array:
+  dec = optimal_allocation(slots, x, mec)
+  w = importance_weight(slots, mec)
+  t_tra = transmission_delay(slots.s, dec.b, slots.l, mec)
+  t_com = compute_delay(slots.s, slots.c, dec.f)
+  return jnp.where(x & (w > 0), w * (t_tra + t_com), 0.0).sum(-1)
+
+
+def subnetwork_gaps(model: ModelConfig, mec: MECConfig, params: Any, slots: Slots,
+                    x: Array, optimum: Array) -> Array:
+  """[K, L]: mean weighted delay of each sub-network over the optimum's, minus 1."""
+  out = all_subnetworks(model, {'params': params}, normalized_features(slots, mec), x)
+  wd = weighted_delays(out, slots, x, mec)  # [K, L, B]
+  return wd.mean(-1) / optimum.mean() - 1.0
+
+
+def static_gap(model: ModelConfig, mec: MECConfig, params: Any, slots: Slots, x: Array,
+               optimum: Array) -> Array:
+  out = StaticAllocator(model).apply({'params': params}, normalized_features(slots, mec), x)
+  return weighted_delays(out, slots, x, mec).mean() / optimum.mean() - 1.0
+
+
+# ------------------------------------------------------------------- policy
+
+
+def edge_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
+               t_inf_edge: Array) -> Array:
+  """C_edge_i = alpha (w_i T_inf_edge + T_edge_i) + beta E_edge_i, per user [..., W]."""
+  w = importance_weight(slots, mec)
+  t_tra = transmission_delay(slots.s, out.b_share * mec.b_max, slots.l, mec)
+  t_com = compute_delay(slots.s, slots.c, out.f_share * mec.f_ser)
+  cost = mec.alpha * (w * t_inf_edge[..., None] + t_tra + t_com) + mec.beta * mec.p_tx * t_tra
+  return jnp.where(x, cost, 0.0)
+
+
+def local_costs(slots: Slots, mec: MECConfig, t_inf_loc: Array) -> Array:
+  """C_loc_i = alpha (w_i T_inf_loc + T_loc_i) + beta E_loc_i, per user [..., W]."""
+  w = importance_weight(slots, mec)
+  energy = mec.mu * slots.c * slots.s * slots.f_loc ** 2
+  cost = mec.alpha * (w * jnp.asarray(t_inf_loc)[..., None] + local_delay(slots)) + mec.beta * energy
+  return jnp.where(slots.mask, cost, 0.0)
+
+
+def modelled_delay_table(model: ModelConfig, mec: MECConfig, x: Array, slots: Slots):
+  """(T_inf_edge [..., K, L], T_inf_loc [...]) of the DyNN pipeline, modelled."""
+  n_users = slots.mask.sum(-1)
+  table = ops.inference_delay_table(model, mec, x.sum(-1), n_users)
+  return table.edge, jnp.broadcast_to(table.loc, table.edge.shape)[..., 0, 0]
+
+
+def policy_labels(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
+                  x: Array, delay_table: Callable = modelled_delay_table) -> Array:
+  """Option index minimising the mean edge cost over the offloaded users: [...]."""
+  out = all_subnetworks(model, {'params': alloc_params}, normalized_features(slots, mec), x)
+  t_edge, _ = delay_table(model, mec, x, slots)          # [B, K, L]
+  t_edge = jnp.moveaxis(t_edge, (-2, -1), (0, 1))         # [K, L, B]
+  cost = edge_costs(out, slots, x, mec, t_edge).sum(-1)   # [K, L, B]; mean = sum / n
+  cost = cost.reshape((model.num_options,) + cost.shape[2:])
+  return jnp.argmin(cost, 0)
+
+
+def policy_loss(policy: Policy, params: Any, feats: Array, x: Array, labels: Array) -> Array:
+  logits = policy.apply({'params': params}, feats, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
+                 run: RunDir | None = None, delay_table: Callable = modelled_delay_table,
+                 name: str = 'policy') -> Any:
+  """Pre-trains the policy on slots with every task offloaded."""
+  key = phase_key(train.seed, name)
+  policy = Policy(model)
+  params = init_params(policy, jax.random.fold_in(key, 0), mec)
+  tx = optax.adam(train.policy_lr)
+
+  def step(state, key):
+    slots = sample_slots(key, mec, train.batch)
+    x = slots.mask
+    feats = normalized_features(slots, mec)
+    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table)
+    value, grads = jax.value_and_grad(policy_loss, 1)(policy, state.params, feats, x, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return (TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1),
+            {'loss_policy': value})
+
+  state = TrainState(params, tx.init(params), jnp.int32(0))
+  chunk = _scan_chunk(step, jax.random.fold_in(key, 1))
+  return _chunked_phase(name, run, state, train.policy_steps, train, chunk).params
+
+
+# ------------------------------------------------------------------- scheduler
+
+
+class JointState(NamedTuple):
+  scheduler: TrainState
+  policy: TrainState
+  step: Array
+
+
+def counterfactual_shares(out_all: Allocation, x: Array) -> tuple[Array, Array]:
+  """Shares each user would get joining the offloaded set x alone (logits of a pass
+  over all real users; offloaded users keep their own shares under x)."""
+  def share(logits):
+    top = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
+    e = jnp.exp(logits - top)
+    others = jnp.where(x, e, 0.0).sum(-1, keepdims=True)
+    return jnp.where(x, e / jnp.maximum(others, 1e-30), e / (others + e))
+  return share(out_all.b_logits), share(out_all.f_logits)
+
+
+def joint_step_fn(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
+                  delay_table: Callable = modelled_delay_table):
+  scheduler, policy = Scheduler(model), Policy(model)
+  tx_s, tx_p = optax.adam(train.scheduler_lr), optax.adam(train.policy_lr)
+
+  def step(state: JointState, key: Array):
+    ks, kx = jax.random.split(key)
+    slots = sample_slots(ks, mec, train.batch)
+    feats = normalized_features(slots, mec)
+
+    def sched_prob(params):
+      return scheduler.apply({'params': params}, feats, slots.mask).prob
+
+    p = sched_prob(state.scheduler.params)
+    x = slots.mask & (jax.random.uniform(kx, p.shape) < p)
+    logits = policy.apply({'params': state.policy.params}, feats, x)
+    k, l = choose_kl(logits, model)
+    t_edge_table, t_loc = delay_table(model, mec, x, slots)
+    t_edge = jnp.take_along_axis(
+        t_edge_table.reshape(t_edge_table.shape[:-2] + (-1,)),
+        ((k - 1) * model.max_depth + l - 1)[..., None], -1)[..., 0]
+    out_all = moe_forward(model, alloc_params, feats, slots.mask, k, l)
+    b_share, f_share = counterfactual_shares(out_all, x)
+    cf = Allocation(out_all.b_logits, out_all.f_logits, b_share, f_share, out_all.gate)
+    c_edge = edge_costs(cf, slots, slots.mask, mec, t_edge)
+    c_loc = local_costs(slots, mec, t_loc)
+    gain = jax.lax.stop_gradient(c_loc - c_edge)     # > 0: offloading is cheaper
+
+    def sched_loss(params):
+      prob = sched_prob(params)
+      reward = jnp.where(x, gain * prob, -gain * (1.0 - prob))
+      return -jnp.where(slots.mask, reward, 0.0).sum(-1).mean()
+
+    loss_s, grads = jax.value_and_grad(sched_loss)(state.scheduler.params)
+    updates, opt_s = tx_s.update(grads, state.scheduler.opt_state)
+    sched = TrainState(optax.apply_updates(state.scheduler.params, updates), opt_s,
+                       state.scheduler.step + 1)
+    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table)
+    loss_p, grads = jax.value_and_grad(policy_loss, 1)(policy, state.policy.params, feats,
+                                                       x, labels)
+    updates, opt_p = tx_p.update(grads, state.policy.opt_state)
+    pol = TrainState(optax.apply_updates(state.policy.params, updates), opt_p,
+                     state.policy.step + 1)
+    metrics = {'loss_scheduler': loss_s, 'loss_policy': loss_p,
+               'offload_ratio': x.sum() / jnp.maximum(slots.mask.sum(), 1)}
+    return JointState(sched, pol, state.step + 1), metrics
+
+  return step, tx_s, tx_p
+
+
+def train_joint(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
+                policy_params: Any, run: RunDir | None = None,
+                delay_table: Callable = modelled_delay_table, name: str = 'joint'
+                ) -> tuple[Any, Any]:
+  """Case 2: the scheduler and the policy trained together, allocator frozen."""
+  key = phase_key(train.seed, name)
+  sched_params = init_params(Scheduler(model), jax.random.fold_in(key, 0), mec)
+  step, tx_s, tx_p = joint_step_fn(mec, model, train, alloc_params, delay_table)
+  state = JointState(TrainState(sched_params, tx_s.init(sched_params), jnp.int32(0)),
+                     TrainState(policy_params, tx_p.init(policy_params), jnp.int32(0)),
+                     jnp.int32(0))
+  chunk = _scan_chunk(step, jax.random.fold_in(key, 1))
+  state = _chunked_phase(name, run, state, train.joint_steps, train, chunk)
+  return state.scheduler.params, state.policy.params
+
+
+def train_all(mec: MECConfig, model: ModelConfig, train: TrainConfig,
+              run: RunDir | None = None) -> Params:
+  """Allocator, static baseline, policy and (case 2) scheduler, in the paper's order."""
+  allocator = train_allocator(mec, model, train, run)
+  static = (train_allocator(mec, model, train, run, name='static', static=True)
+            if train.static_steps else None)
+  policy = train_policy(mec, model, train, allocator, run) if train.policy_steps else None
+  scheduler = None
+  if mec.case == 2 and train.joint_steps:
+    if policy is None:
+      policy = init_params(Policy(model), phase_key(train.seed, 'policy'), mec)
+    scheduler, policy = train_joint(mec, model, train, allocator, policy, run)
+  return Params(allocator=allocator, static=static, policy=policy, scheduler=scheduler)
+
+
+# ------------------------------------------------------------ trained networks file
+
+NETWORKS_FORMAT = 1
+
+
+def save_networks(path: str, params: Params, mec: MECConfig, model: ModelConfig,
+                  train: TrainConfig) -> None:
+  """One msgpack file with every trained network and the configs they belong to."""
+  payload = {'format': NETWORKS_FORMAT,
+             'meta': json.dumps({'mec': mec.to_dict(), 'model': model.to_dict(),
+                                 'train': train.to_dict()}, sort_keys=True),
+             'params': {k: serialization.to_state_dict(v)
+                        for k, v in params._asdict().items() if v is not None}}
+  write_bytes_atomic(path, serialization.msgpack_serialize(payload))
+
+
+def load_networks(path: str, expect_mec: MECConfig | None = None,
+                  expect_model: ModelConfig | None = None):
+  """(Params, mec, model, meta) from `save_networks`; clear errors for a missing,
+  corrupt or mismatched file (the configs' fields that differ are named)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'trained networks not found: {path} (train them with '
+                            'launch/train.py, or pass another --networks)')
+  try:
+    with open(path, 'rb') as f:
+      payload = serialization.msgpack_restore(f.read())
+    meta = json.loads(payload['meta'])
+    mec, model = MECConfig.from_dict(meta['mec']), ModelConfig.from_dict(meta['model'])
+  except Exception as e:  # any decoding failure means the file cannot be trusted
+    raise ValueError(f'trained networks file {path} is corrupt or not a networks file: '
+                     f'{type(e).__name__}: {e}') from None
+  if payload.get('format') != NETWORKS_FORMAT:
+    raise ValueError(f'{path}: format {payload.get("format")!r}, expected {NETWORKS_FORMAT}')
+  for label, want, got in (('model', expect_model, model), ('system', expect_mec, mec)):
+    if want is None:
+      continue
+    diff = sorted(k for k, v in want.to_dict().items() if got.to_dict().get(k) != v)
+    if diff:
+      raise ValueError(f'{path} was trained for a different {label} configuration; '
+                       f'differing fields: ' + ', '.join(
+                           f'{k} (trained {got.to_dict().get(k)!r}, asked '
+                           f'{want.to_dict()[k]!r})' for k in diff))
+  params = Params(**{k: jax.tree.map(jnp.asarray, v) for k, v in payload['params'].items()})
+  return params, mec, model, meta
