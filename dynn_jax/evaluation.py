@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dynn_jax import ops
 from dynn_jax.config import MECConfig
@@ -206,6 +207,20 @@ def check_methods(names, params: Params, setting: Setting) -> None:
       raise ValueError(f"method 'exhaustive' needs N_max <= 12, got {setting.mec.width}")
 
 
+def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:
+  if mec.case == 1:
+    names = ['policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
+             'equal_split']
+  else:
+    names = ['pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local']
+  needs_policy = ('policy_moe', 'fix_width', 'fix_depth', 'pmrl')
+  return tuple(n for n in names
+               if not (n in needs_policy and params.policy is None)
+               and not (n == 'pmrl' and params.scheduler is None)
+               and not (n == 'static' and params.static is None)
+               and not (n == 'fix_moe' and mec.case == 2 and params.scheduler is None))
+
+
 METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_delay',
            'inference_share', 'ops', 'offload_ratio')
 
@@ -221,11 +236,22 @@ def _slot_metrics(setting: Setting, outcome: Outcome, slots: Slots) -> dict[str,
           'offload_ratio': (outcome.decision.x & slots.mask).sum(-1) / n}
 
 
+def batch_mesh() -> Mesh:
+  """One mesh over every device (of every host under jax.distributed), axis 'batch'."""
+  return Mesh(np.asarray(jax.devices()), ('batch',))
+
+
 def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Params,
-               chunk: int, n_users=None) -> dict:
-  """Sums and sums of squares of every metric over one chunk of fresh slots."""
+               chunk: int, n_users=None, mesh: Mesh | None = None) -> dict:
+  """Sums and sums of squares of every metric over one chunk of fresh slots.
+
+  With a mesh, the slots are split over its devices along the batch axis; the
+  sampled values do not depend on the number of devices (partitionable threefry).
+  """
   k_slots, k_methods = jax.random.split(key)
   slots = sample_slots(k_slots, setting.mec, chunk, n_users=n_users)
+  if mesh is not None:
+    slots = jax.lax.with_sharding_constraint(slots, NamedSharding(mesh, P('batch')))
   out = {}
   for i, name in enumerate(names):
     outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), slots, params)
@@ -235,23 +261,31 @@ def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Par
 
 
 def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int = 8192,
-             seed: int = 0, n_users=None) -> dict:
-  """Means and 95% confidence half-widths of every metric, for every method."""
+             seed: int = 0, n_users=None, mesh: Mesh | None = None) -> dict:
+  """Means and 95% confidence half-widths of every metric, for every method.
+
+  Slots come in chunks of `chunk` (rounded up to a multiple of the device count), so
+  memory does not grow with `slots`; every chunk is split over `mesh` (default: all
+  devices).
+  """
   names = tuple(names)
   check_methods(names, params, setting)
-  chunk = min(chunk, slots)
+  mesh = batch_mesh() if mesh is None else mesh
+  devices = mesh.devices.size
   n_chunks = math.ceil(slots / chunk)
-  run = jax.jit(chunk_sums, static_argnums=(0, 1, 4))
+  chunk = devices * math.ceil(slots / (n_chunks * devices))  # n_chunks * chunk >= slots
+  run = jax.jit(chunk_sums, static_argnums=(0, 1, 4, 6))
   key = jax.random.PRNGKey(seed)
   totals = None
   for i in range(n_chunks):
     sums = jax.device_get(run(setting, names, jax.random.fold_in(key, i), params, chunk,
-                              n_users))
+                              n_users, mesh))
     sums = jax.tree.map(lambda a: np.float64(a), sums)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   n = n_chunks * chunk
   return {name: {m: _mean_ci(s, q, n) for m, (s, q) in metrics.items()}
-          for name, metrics in totals.items()} | {'_slots': n, '_mode': setting.mode}
+          for name, metrics in totals.items()} | {
+              '_slots': n, '_mode': setting.mode, '_devices': devices}
 
 
 def _mean_ci(total: float, squares: float, n: int) -> dict:

@@ -20,7 +20,9 @@ Allocation DyNN (`MoEAllocator`), one set of parameters, two inference paths:
   experts and the first l layers.
 * Per slot (`per_slot_apply(config, k, l)`): one cached, jitted variant per static
   (k, l) whose graph holds only the k selected experts (gathered with `lax.top_k`) and
-  their first l layers. `switch_apply(config)` dispatches a traced scalar (k, l) to
+  their first l layers. It runs on all W user positions, padded ones included: its
+  real cost follows W, while the modelled count (`dynn_jax.ops`) follows the number
+  of offloaded users. `switch_apply(config)` dispatches a traced scalar (k, l) to
   those variants with `lax.switch`. Both match the batched path to 1e-5. Under `vmap`
   a `lax.switch` on a batched index becomes a select that runs every branch, so a
   batch only skips work when all its slots share one (k, l) (group slots by (k, l)).
@@ -158,12 +160,9 @@ def _mlp_dims(width: int, depth: int) -> tuple[tuple[int, int], ...]:
 
 
 def check_int(name: str, value, low: int, high: int, what: str,
-                 batch_shape: tuple[int, ...]) -> Array:
+              batch_shape: tuple[int, ...]) -> Array:
   """`value` as int32; concrete values outside [low, high] raise, traced ones pass."""
-  dtype = np.result_type(type(value)) if isinstance(value, (int, float)) else (
-      getattr(value, 'dtype', None))
-  if isinstance(value, (bool, np.bool_)) or dtype is None or not (
-      np.issubdtype(dtype, np.integer)):
+  if not jnp.issubdtype(jnp.result_type(value), jnp.integer):  # bool and float too
     raise ValueError(f'{name} = {value!r}; must be an integer in [{low}, {high}] ({what})')
   shape = np.shape(value)
   if np.broadcast_shapes(shape, batch_shape) != tuple(batch_shape):
@@ -185,14 +184,14 @@ def check_kl(config: ModelConfig, k, l, batch_shape: tuple[int, ...] = ()
   k = config.num_experts if k is None else k
   l = config.max_depth if l is None else l
   k = check_int('k', k, 1, config.num_experts,
-                   f'1..ModelConfig.num_experts={config.num_experts}', batch_shape)
+                f'1..ModelConfig.num_experts={config.num_experts}', batch_shape)
   l = check_int('l', l, 1, config.max_depth,
-                   f'1..ModelConfig.max_depth={config.max_depth}', batch_shape)
+                f'1..ModelConfig.max_depth={config.max_depth}', batch_shape)
   return k, l, kl_valid(config, k, l)
 
 
 def kl_valid(config: ModelConfig, k, l) -> Array:
-  """Whether (k, l) lies in 1..K x 1..L, elementwise; for traced values."""
+  """Whether (k, l) lies in 1..K x 1..L, elementwise (traced values cannot raise)."""
   return (k >= 1) & (k <= config.num_experts) & (l >= 1) & (l <= config.max_depth)
 
 
@@ -342,8 +341,13 @@ def _vector_init(size: int):
 
 def moe_forward(config: ModelConfig, variables: dict, features: Array, offload_mask: Array,
                 k: Array, l: Array, noise_key=None) -> Allocation:
-  """Batched path on checked inputs (see `MoEAllocator`); k, l int arrays, maybe traced."""
+  """Batched path on checked inputs (see `MoEAllocator`); k, l ints, maybe traced.
+
+  No input checks here: call `MoEAllocator.apply` (or `check_inputs` and `check_kl`
+  first) unless the inputs are known good, e.g. inside a training step.
+  """
   p = _unwrap(variables)
+  k, l = jnp.asarray(k, jnp.int32), jnp.asarray(l, jnp.int32)
   valid = kl_valid(config, k, l)
   z = pool_offloaded(features, offload_mask, config.max_users)
   h = _gate_logits(p, z, noise_key, config)
@@ -354,7 +358,7 @@ def moe_forward(config: ModelConfig, variables: dict, features: Array, offload_m
   chosen = outs[0]
   for i, out in enumerate(outs[1:], start=2):
     chosen = jnp.where(depth == i, out, chosen)  # where: no gradient to deeper layers
-  y = jnp.einsum('...e,...ewh->...wh', gate + 1e-4, chosen)
+  y = jnp.einsum('...e,...ewh->...wh', gate, chosen)
   return _poison(_heads(p, y, offload_mask, gate), valid)
 
 
@@ -439,15 +443,17 @@ def switch_trace_count(config: ModelConfig) -> int:
   return _TRACES[(config, 'switch')]
 
 
-@functools.lru_cache(maxsize=None)
 def per_slot_apply(config: ModelConfig, k: int, l: int):
   """The cached, jitted per-slot variant `f(variables, features, offload_mask)`.
 
   One jit per (config, k, l), built on first use; it retraces only for a new shape or
   dtype. AOT: `per_slot_apply(c, k, l).lower(variables, features, mask).compile()`.
   """
-  k, l = check_static_kl(config, k, l)
+  return _per_slot_jit(config, *check_static_kl(config, k, l))
 
+
+@functools.lru_cache(maxsize=None)
+def _per_slot_jit(config: ModelConfig, k: int, l: int):
   def run(variables, features, offload_mask):
     _TRACES[(config, k, l)] += 1  # runs at trace time only
     return per_slot_forward(config, k, l, variables, features, offload_mask)
@@ -461,7 +467,8 @@ def switch_apply(config: ModelConfig):
 
   `lax.switch` on the option index runs only the chosen variant when k, l are
   unbatched; under `vmap` over k or l it runs all K * L branches (a select). Traced
-  out-of-range (k, l) give NaN; concrete ones raise.
+  out-of-range (k, l) give NaN; concrete ones raise. `.jitted` is the underlying jitted
+  function (int32 k, l, no checks) for AOT lowering.
   """
   options = [(k, l) for k in range(1, config.num_experts + 1)
              for l in range(1, config.max_depth + 1)]
@@ -471,8 +478,7 @@ def switch_apply(config: ModelConfig):
     valid = kl_valid(config, k, l)
     branches = [functools.partial(per_slot_forward, config, kk, ll) for kk, ll in options]
     index = jnp.where(valid, kl_to_option(k, l, config), 0)
-    out = jax.lax.switch(index, branches, variables, features, offload_mask)
-    return jax.tree.map(lambda a: jnp.where(valid, a, jnp.nan), out)
+    return _poison(jax.lax.switch(index, branches, variables, features, offload_mask), valid)
 
   jitted = jax.jit(run)
 

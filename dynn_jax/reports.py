@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from dynn_jax.config import MECConfig
-from dynn_jax.evaluation import Params, Setting, evaluate
+from dynn_jax.evaluation import Params, Setting, default_methods, evaluate
 from dynn_jax.models import ModelConfig
 from dynn_jax.env import sample_slots
 from dynn_jax.training import (TrainConfig, optimal_weighted_delay, static_gap,
@@ -29,20 +29,6 @@ def quality_gaps(mec: MECConfig, model: ModelConfig, params: Params, slots: int,
   if params.static is not None:
     out['static_gap'] = float(static_gap(model, mec, params.static, held_out, x, optimum))
   return out
-
-
-def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:
-  if mec.case == 1:
-    names = ['policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
-             'equal_split']
-  else:
-    names = ['pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local']
-  needs_policy = ('policy_moe', 'fix_width', 'fix_depth', 'pmrl')
-  return tuple(n for n in names
-               if not (n in needs_policy and params.policy is None)
-               and not (n == 'pmrl' and params.scheduler is None)
-               and not (n == 'static' and params.static is None)
-               and not (n == 'fix_moe' and mec.case == 2 and params.scheduler is None))
 
 
 def methods_table(results: dict) -> str:

@@ -185,11 +185,11 @@ def weighted_parts(out: Allocation, slots: Slots, x: Array, config: MECConfig
 
 def _chunked_phase(name: str, run: RunDir | None, state: Any, total: int,
                    train: TrainConfig, chunk: Callable,
-                   on_chunk: Callable[[int, Any], None] | None = None) -> Any:
+                   on_chunk: Callable[[int, Any], bool | None] | None = None) -> Any:
   """Runs `chunk` until `total` steps, resuming and checkpointing through `run`.
 
-  `on_chunk(step, state)` runs after every chunk (e.g. a quality check); its time is
-  not the phase's.
+  `on_chunk(step, state)` runs after every chunk (e.g. a quality check); returning
+  True ends the phase there.
   """
   if run is not None:
     restored = run.restore(name, state)
@@ -206,11 +206,12 @@ def _chunked_phase(name: str, run: RunDir | None, state: Any, total: int,
     metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
     if run is not None:
       run.log({'phase': name, 'step': done, 'time': time.time(), **metrics})
-    if on_chunk is not None:
-      on_chunk(done, state)
-    progress.update(done, force=done >= total, **metrics)
-    if run is not None and (chunks % train.checkpoint_every == 0 or done >= total):
+    stop = on_chunk is not None and bool(on_chunk(done, state))
+    progress.update(done, force=done >= total or stop, **metrics)
+    if run is not None and (chunks % train.checkpoint_every == 0 or done >= total or stop):
       run.save(name, state)
+    if stop:
+      break
   return state
 
 
@@ -275,7 +276,7 @@ def init_params(module, key: Array, mec: MECConfig, *args) -> Any:
 def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
                     run: RunDir | None = None, params: Any = None,
                     name: str = 'allocator', static: bool = False,
-                    on_chunk: Callable[[int, Any], None] | None = None) -> Any:
+                    on_chunk: Callable[[int, Any], bool | None] | None = None) -> Any:
   """Trains the DyNN (or the static baseline) and returns its parameters."""
   key = phase_key(train.seed, name)
   module = StaticAllocator(model) if static else MoEAllocator(model)

@@ -196,6 +196,8 @@ def test_out_of_range_k_l_and_too_many_users_are_refused(data, moe_vars):
       ops.allocation_ops(SMALL, k, l, 3)
   with pytest.raises(ValueError, match='integer'):
     model.apply(moe_vars, features, offload, 2.0, 1)
+  with pytest.raises(ValueError, match='Python int'):
+    per_slot_apply(SMALL, jnp.int32(2), 1)
   with pytest.raises(ValueError, match='k = '):
     model.apply(moe_vars, features, offload, jnp.array([1, 2, 4, 1, 1, 1, 1, 1]), 1)
   with pytest.raises(ValueError, match='n_offloaded = 7'):

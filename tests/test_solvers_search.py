@@ -26,6 +26,15 @@ BATCH = 4
 T_EDGE, T_LOC = 2e-3, 5e-4
 
 
+# Jitted once per config and shape: eager calls of these are slow on CPU.
+optimal = jax.jit(optimal_allocation, static_argnames='config')
+
+
+@jax.jit(static_argnames='config')
+def objective(slots, decision, config, t_edge=0.0, t_loc=0.0):
+  return slot_costs(slots, decision, config, t_edge, t_loc).objective
+
+
 @contextlib.contextmanager
 def count_traces():
   """Counts the jit traces started inside the block (JAX reports each as an event)."""
@@ -87,13 +96,13 @@ def test_ga_never_beats_the_optimal_allocation(case1_run):
   close (within 10%), so that a GA that returns garbage fails.
   """
   slots, decision, _ = case1_run
-  opt = optimal_allocation(slots, slots.mask, CASE1)
+  opt = optimal(slots, slots.mask, config=CASE1)
   np.testing.assert_array_equal(decision.x, slots.mask)
   wd_ga = weighted_edge_delay(slots, decision.x, decision.b, decision.f, CASE1)
   wd_opt = weighted_edge_delay(slots, opt.x, opt.b, opt.f, CASE1)
   assert np.all(wd_ga >= wd_opt * (1 - 1e-5)), (wd_ga, wd_opt)
-  obj_ga = slot_costs(slots, decision, CASE1).objective
-  obj_opt = slot_costs(slots, opt, CASE1).objective
+  obj_ga = objective(slots, decision, CASE1)
+  obj_opt = objective(slots, opt, CASE1)
   assert np.all(obj_ga >= obj_opt * (1 - 1e-5)), (obj_ga, obj_opt)
   assert np.all(obj_ga <= obj_opt * 1.1), (obj_ga, obj_opt)
 
@@ -105,8 +114,8 @@ def test_ga_never_beats_the_exhaustive_search_in_case2():
   slots = uniform_weight_slots(sample_slots(jax.random.key(4), CASE2, batch=BATCH), CASE2)
   decision, _ = ga_solve(jax.random.key(5), slots, CASE2, GAConfig(), 0.0, 0.0)
   best = exhaustive_search(slots, CASE2, 0.0, 0.0)
-  obj_ga = slot_costs(slots, decision, CASE2).objective
-  obj_best = slot_costs(slots, best, CASE2).objective
+  obj_ga = objective(slots, decision, CASE2)
+  obj_best = objective(slots, best, CASE2)
   assert np.all(obj_ga >= obj_best * (1 - 1e-5)), (obj_ga, obj_best)
   assert np.all(obj_ga <= obj_best * 1.2), (obj_ga, obj_best)
 
@@ -120,7 +129,7 @@ def test_ga_history_improves_and_never_worsens(run, request):
   assert np.all(np.diff(history, axis=-1) <= 0), 'elitism: the best never gets worse'
   assert np.all(history[:, -1] < history[:, 0])
   # The returned decision is the one the history reports (inference delay included).
-  final = slot_costs(slots, decision, config, t_edge, t_loc).objective
+  final = objective(slots, decision, config, t_edge, t_loc)
   np.testing.assert_allclose(final, history[:, -1], rtol=1e-5)
 
 
@@ -220,7 +229,7 @@ def _brute_force(slots, config, t_edge, t_loc):
 def test_exhaustive_search_matches_brute_force():
   slots = sample_slots(jax.random.key(12), CASE2_DEFAULT, batch=BATCH)
   best = exhaustive_search(slots, CASE2_DEFAULT, T_EDGE, T_LOC)
-  best_obj = slot_costs(slots, best, CASE2_DEFAULT, T_EDGE, T_LOC).objective
+  best_obj = objective(slots, best, CASE2_DEFAULT, T_EDGE, T_LOC)
   # Check a slot whose optimum is a real mix: neither everyone nor nobody offloads.
   n_off = np.asarray(best.x.sum(-1))
   mixed = np.flatnonzero((n_off > 0) & (n_off < CASE2_DEFAULT.width))
@@ -235,14 +244,13 @@ def test_exhaustive_search_matches_brute_force():
 
 
 def test_exhaustive_search_beats_fixed_policies():
-  slots = sample_slots(jax.random.key(13), CASE2_DEFAULT, batch=16)
+  slots = sample_slots(jax.random.key(13), CASE2_DEFAULT, batch=BATCH)
   best = exhaustive_search(slots, CASE2_DEFAULT, T_EDGE, T_LOC)
-  costs = lambda d: slot_costs(slots, d, CASE2_DEFAULT, T_EDGE, T_LOC).objective
-  best_obj = costs(best)
+  best_obj = objective(slots, best, CASE2_DEFAULT, T_EDGE, T_LOC)
   for policy in (all_offload, all_local):
-    other = costs(optimal_allocation(slots, policy(slots), CASE2_DEFAULT))
+    fixed = optimal(slots, policy(slots), config=CASE2_DEFAULT)
+    other = objective(slots, fixed, CASE2_DEFAULT, T_EDGE, T_LOC)
     assert np.all(best_obj <= other * (1 + 1e-6)), (policy.__name__, best_obj, other)
-  np.testing.assert_allclose(costs(best), best_obj)
   assert not np.any(best.x & ~slots.mask)
 
 
@@ -250,7 +258,7 @@ def test_exhaustive_search_offloads_everyone_in_case1():
   slots = sample_slots(jax.random.key(14), CASE1, batch=BATCH)
   best = exhaustive_search(slots, CASE1, T_EDGE, T_LOC)
   np.testing.assert_array_equal(best.x, slots.mask)
-  assert np.all(np.isfinite(slot_costs(slots, best, CASE1).objective))
+  assert np.all(np.isfinite(objective(slots, best, CASE1)))
 
 
 def test_exhaustive_search_does_not_retrace():

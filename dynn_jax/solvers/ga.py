@@ -21,10 +21,13 @@ Fitness is the slot objective (lower is better). Each generation:
   never gets worse.
 
 Both rates decay stepwise: at generation g (from 0) they are multiplied by
-`decay ** (g // interval)`, with the interval 25 in case 1 and 40 in case 2.
+`decay ** (g // interval)`, with the interval 25 in case 1 and 40 in case 2. The
+crossover and mutation draws use 16-bit uniforms (rates resolved to 2^-16), new share
+values 24-bit ones: drawing random bits is most of the run time.
 
 Everything is vectorised over the population; a `lax.scan` runs the generations and a
-`vmap` runs the slots, each slot with its own key from `jax.random.split`.
+`vmap` runs the slots (in chunks of `slot_chunk`, one after another), each slot with
+its own key from `jax.random.split`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ _RANGES = {
     'mutation_decay': (0.0, 1.0, False, True, False),
     'decay_interval': (1, None, True, True, True),
     'decay_interval_case2': (1, None, True, True, True),
+    'slot_chunk': (1, None, True, True, True),
 }
 
 
@@ -77,6 +81,9 @@ class GAConfig:
   mutation_decay: float = 0.25    # quartered every interval
   decay_interval: int = 25        # generations, case 1
   decay_interval_case2: int = 40  # generations, case 2
+  # Slots evolved together (vmap); chunks run one after another. Bounds memory and keeps
+  # the working set in cache on CPU; raise it on an accelerator.
+  slot_chunk: int = 16
 
   def __post_init__(self):
     for name, (low, high, low_inc, high_inc, integer) in _RANGES.items():
@@ -217,9 +224,19 @@ def _ga_solve(key: Array, slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
   if not batch:
     return run(key, slots, t_edge, t_loc)
   n = math.prod(batch)
-  flat = jax.tree.map(lambda a: a.reshape((n, width)), slots)
   keys = jax.random.split(key, n)
-  decision, history = jax.vmap(run)(keys, flat, t_edge.reshape(n), t_loc.reshape(n))
+  flat = (keys, jax.tree.map(lambda a: a.reshape((n, width)), slots),
+          t_edge.reshape(n), t_loc.reshape(n))
+  # Pad to whole chunks with copies of the last slot (one compiled body, unlike a
+  # remainder call), then drop the copies.
+  chunk = min(ga_config.slot_chunk, n)
+  n_chunks = -(-n // chunk)
+  pad = n_chunks * chunk - n
+  def to_chunks(a):
+    a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]) if pad else a
+    return a.reshape((n_chunks, chunk) + a.shape[1:])
+  out = jax.lax.map(lambda a: jax.vmap(run)(*a), jax.tree.map(to_chunks, flat))
+  decision, history = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], out)
   decision = jax.tree.map(lambda a: a.reshape(batch + (width,)), decision)
   return decision, history.reshape(batch + (ga_config.generations,))
 

@@ -43,8 +43,10 @@ def random_offload(key: Array, slots: Slots, p: float | Array = 0.5) -> Array:
 def offloading_table(width: int) -> Array:
   """All 2^width offloading sets as a [2^width, width] bool table.
 
-  Row r is the set with bit code 2^width - 1 - r, so row 0 offloads everyone: `argmin`
-  breaks ties toward the first row, which makes the all-offload set win ties.
+  Row r is the set with bit code 2^width - 1 - r (bit i = user i). Padded users sit
+  after the real ones, so the first row that offloads no padded user is the one that
+  offloads every real user: since `argmin` breaks ties toward the first row, the
+  all-offload set wins ties.
   """
   codes = (2 ** width - 1) - jnp.arange(2 ** width, dtype=jnp.int32)
   return ((codes[:, None] >> jnp.arange(width, dtype=jnp.int32)) & 1).astype(bool)

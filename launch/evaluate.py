@@ -1,0 +1,97 @@
+"""Evaluates methods on the same sampled slots and prints / writes their metrics.
+
+  python launch/evaluate.py --flagfile=launch/flags/eval_case1.flags --networks=runs/case1
+
+System flags (--s_avg, --n_users, ...) override the configuration the networks were
+trained with; flags not given keep the trained values. Methods: see
+dynn_jax.evaluation.METHODS.
+"""
+
+import dataclasses
+import os
+
+from absl import app, flags
+
+from dynn_jax import cli, evaluation, latency
+from dynn_jax.config import MECConfig
+from dynn_jax.io import write_json_atomic
+from dynn_jax.reports import methods_table
+from dynn_jax.training import load_networks
+
+flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory holding it.')
+flags.DEFINE_list('methods', None, 'Comma-separated method names (default: the case\'s set).')
+flags.DEFINE_integer('slots', 100_000, 'Slots to evaluate.')
+flags.DEFINE_integer('chunk', 8192, 'Slots per compiled chunk (memory bound).')
+flags.DEFINE_integer('seed', 0, 'Seed of the evaluation slots.')
+flags.DEFINE_integer('n_active', None, 'Real users per slot (default: n_users); <= n_max.')
+flags.DEFINE_enum('inference_delay', 'modelled', ['modelled', 'measured'],
+                  'Inference delay: counted ops / f_ser, or the measured latency table.')
+flags.DEFINE_string('latency_table', None, 'Measured latency table (launch/benchmark.py).')
+flags.DEFINE_bool('allow_other_device', False, 'Accept a latency table from another device.')
+flags.DEFINE_string('out', None, 'JSON file for the results (written atomically).')
+cli.define_flags(MECConfig)
+FLAGS = flags.FLAGS
+
+
+def networks_path(path: str) -> str:
+  return os.path.join(path, 'networks.msgpack') if os.path.isdir(path) else path
+
+
+def resolve_config(trained: MECConfig) -> MECConfig:
+  """The trained system configuration with the explicitly given flags on top."""
+  given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(MECConfig)
+           if FLAGS[f.name].present}
+  try:
+    return trained.replace(**given)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.networks:
+    raise app.UsageError('--networks is required')
+  cli.check_range('slots', FLAGS.slots, 1)
+  cli.check_range('chunk', FLAGS.chunk, 1)
+  try:
+    params, trained, model, _ = load_networks(networks_path(FLAGS.networks))
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  mec = resolve_config(trained)
+  if mec.width > model.max_users:
+    raise app.UsageError(f'--n_users/--n_max give {mec.width} user positions; the networks '
+                         f'accept at most {model.max_users} (trained n_max)')
+  if mec.case != trained.case:
+    raise app.UsageError(f'--case={mec.case} but the networks were trained for case '
+                         f'{trained.case}')
+  if FLAGS.n_active is not None:
+    cli.check_range('n_active', FLAGS.n_active, 1, mec.width)
+  delay = None
+  if FLAGS.inference_delay == 'measured':
+    if not FLAGS.latency_table:
+      raise app.UsageError('--inference_delay=measured needs --latency_table')
+    try:
+      delay = latency.load_table(FLAGS.latency_table, model, mec,
+                                 allow_other_device=FLAGS.allow_other_device)
+    except (FileNotFoundError, ValueError) as e:
+      raise app.UsageError(str(e)) from None
+  setting = evaluation.Setting(mec=mec, model=model, feature_config=trained, delay=delay)
+  names = FLAGS.methods or evaluation.default_methods(mec, params)
+  try:
+    evaluation.check_methods(names, params, setting)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  results = evaluation.evaluate(setting, names, params, slots=FLAGS.slots, chunk=FLAGS.chunk,
+                                seed=FLAGS.seed, n_users=FLAGS.n_active)
+  print(f'{results["_slots"]} slots, {results["_mode"]} inference delay, '
+        f'{results["_devices"]} device(s)')
+  print(methods_table(results))
+  if FLAGS.out:
+    write_json_atomic(FLAGS.out, {'config': mec.to_dict(), 'networks': FLAGS.networks,
+                                  'results': results})
+    print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

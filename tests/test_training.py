@@ -1,0 +1,107 @@
+"""Training: the loss falls, a tiny network beats equal split, resume is exact."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dynn_jax import MECConfig, equal_split, sample_slots
+from dynn_jax.env import weighted_edge_delay
+from dynn_jax.models import ModelConfig, MoEAllocator
+from dynn_jax.runs import RunDir
+from dynn_jax.training import (TrainConfig, init_params, kl_bounds, load_networks,
+                               save_networks, train_allocator, train_all,
+                               weighted_delays)
+from dynn_jax.evaluation import Params
+from dynn_jax.env import normalized_features
+
+MEC = MECConfig(n_users=8)
+MODEL = ModelConfig.for_env(MEC, num_experts=3, max_depth=2, width=16)
+TRAIN = TrainConfig(batch=32, full_steps=60, width_steps=60, depth_steps=60,
+                    steps_per_call=20, static_steps=0, policy_steps=0, joint_steps=0)
+
+
+def _held_out_delay(params, k, l):
+  slots = sample_slots(jax.random.PRNGKey(123), MEC, 512)
+  out = MoEAllocator(MODEL).apply({'params': params}, normalized_features(slots, MEC),
+                                  slots.mask, k, l)
+  return float(weighted_delays(out, slots, slots.mask, MEC).mean()), slots
+
+
+@pytest.fixture(scope='module')
+def trained():
+  return train_allocator(MEC, MODEL, TRAIN)
+
+
+def test_loss_falls_and_beats_equal_split(trained):
+  fresh = init_params(MoEAllocator(MODEL), jax.random.PRNGKey(0), MEC)
+  before, slots = _held_out_delay(fresh, 3, 2)
+  eq = equal_split(slots, slots.mask, MEC)
+  equal = float(weighted_edge_delay(slots, slots.mask, eq.b, eq.f, MEC).mean())
+  for k in (1, 3):
+    for l in (1, 2):
+      after, _ = _held_out_delay(trained, k, l)
+      assert after < 0.9 * before, (k, l, before, after)
+      assert after < equal, (k, l, after, equal)
+
+
+def test_progressive_schedule_grows_ranges_down_to_one():
+  model = ModelConfig(num_experts=10, max_depth=3)
+  train = TrainConfig(full_steps=10, width_steps=9, depth_steps=4)
+  bounds = [tuple(int(v) for v in kl_bounds(s, train, model)) for s in range(23)]
+  assert bounds[0] == bounds[9] == (10, 3)
+  assert bounds[10][0] == 9 and bounds[18] == (1, 3)
+  assert [b[0] for b in bounds[10:19]] == sorted([b[0] for b in bounds[10:19]], reverse=True)
+  assert bounds[19] == (1, 3 - 1) or bounds[19][1] < 3
+  assert bounds[22] == (1, 1)
+  scratch = TrainConfig(schedule='scratch')
+  assert tuple(int(v) for v in kl_bounds(0, scratch, model)) == (1, 1)
+  width_only = TrainConfig(dynamic='width', full_steps=1, width_steps=1, depth_steps=5)
+  assert tuple(int(v) for v in kl_bounds(6, width_only, model)) == (1, 3)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  train = TrainConfig(batch=16, full_steps=20, width_steps=20, depth_steps=20,
+                      steps_per_call=10, checkpoint_every=1, static_steps=0,
+                      policy_steps=0, joint_steps=0)
+  whole = train_allocator(MEC, MODEL, train)
+
+  class Killed(Exception):
+    pass
+
+  def kill_after_three_chunks(step, state):
+    if step == 30:
+      raise Killed
+
+  run = RunDir(str(tmp_path / 'run'))
+  with pytest.raises(Killed):
+    train_allocator(MEC, MODEL, train, run, on_chunk=kill_after_three_chunks)
+  resumed = train_allocator(MEC, MODEL, train, RunDir(str(tmp_path / 'run')))
+  chex.assert_trees_all_equal(whole, resumed)
+
+
+def test_networks_file_round_trip_and_errors(tmp_path, trained):
+  path = str(tmp_path / 'networks.msgpack')
+  save_networks(path, Params(allocator=trained), MEC, MODEL, TRAIN)
+  params, mec, model, _ = load_networks(path, MEC, MODEL)
+  assert mec == MEC and model == MODEL and params.policy is None
+  chex.assert_trees_all_close(params.allocator, trained)
+  with pytest.raises(ValueError, match='different system configuration.*b_max'):
+    load_networks(path, MEC.replace(b_max=1e6), MODEL)
+  with pytest.raises(FileNotFoundError, match='not found'):
+    load_networks(str(tmp_path / 'missing.msgpack'))
+  (tmp_path / 'bad.msgpack').write_bytes(b'\x00garbage')
+  with pytest.raises(ValueError, match='corrupt'):
+    load_networks(str(tmp_path / 'bad.msgpack'))
+
+
+def test_case2_pipeline_trains_every_network():
+  mec = MECConfig(case=2, n_users=6)
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8)
+  train = TrainConfig(batch=8, full_steps=4, width_steps=4, depth_steps=4, static_steps=4,
+                      policy_steps=4, joint_steps=4, steps_per_call=4,
+                      offload_fraction_min=0.3)
+  params = train_all(mec, model, train)
+  assert all(p is not None for p in params)
+  for leaf in jax.tree.leaves(params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
