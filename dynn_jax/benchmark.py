@@ -2,27 +2,69 @@
 
 `environment_suite`: sampling + evaluation throughput, the exact allocation's latency
 and throughput, and the GA's time per slot.
+
+`exits_suite`: the real per-slot latency of every exit (k, l) of the allocation DyNN
+(`per_slot_apply`), next to the runtime's dispatch floor, the static model, the
+scheduler, the policy and the solvers; the batched throughput with every expert
+computed and masked (`moe_forward`) against the exit-bucketed path (`bucketed_apply`),
+a least-squares device constant (seconds per counted op plus a fixed overhead) and a
+measured inference-delay table in the `dynn_jax.latency` format.
+
+Per-slot figures are single calls on one slot ([W, 5] features), compiled ahead of
+time, warmed up and timed one call at a time with `block_until_ready`; compile time
+is reported apart. On CPU, jax dispatches asynchronously by default, handing each call
+to a worker thread: for calls of a few tens of microseconds that hand-off dominates and
+varies with the machine's load, so `launch/benchmark.py` turns it off before the
+backend starts (`--cpu_async_dispatch`) and the results record which mode ran.
+
+`write_profile` records a jax.profiler trace of a few per-slot calls and training steps.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
+import re
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from dynn_jax import latency, ops
 from dynn_jax.config import MECConfig
-from dynn_jax.env import sample_slots, slot_costs
+from dynn_jax.env import normalized_features, sample_slots, slot_costs
+from dynn_jax.io import write_json_atomic
+from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
+                             StaticAllocator, moe_forward, per_slot_apply,
+                             per_slot_forward)
 from dynn_jax.solvers import equal_split, optimal_allocation
 from dynn_jax.solvers.ga import GAConfig, ga_solve
-from dynn_jax.timing import benchmark
+from dynn_jax.timing import Timing, benchmark, time_calls
+
+Array = jax.Array
 
 
 def device_info() -> dict:
   device = jax.devices()[0]
   return {'platform': device.platform, 'device_kind': device.device_kind,
           'device_count': jax.device_count(), 'jax_version': jax.__version__,
-          'machine': platform.machine(), 'processor': platform.processor()}
+          'machine': platform.machine(), 'processor': platform.processor(),
+          'cpu_count': os.cpu_count(), **runtime_info()}
+
+
+def runtime_info() -> dict:
+  """Runtime settings that move per-call latency (they are not part of the device key)."""
+  return {'cpu_async_dispatch': bool(jax.config.read('jax_cpu_enable_async_dispatch')),
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def host_load() -> dict:
+  """Load averages: latencies on a shared machine are only comparable at a known load."""
+  one, five, fifteen = os.getloadavg()
+  return {'load_1m': one, 'load_5m': five, 'load_15m': fifteen, 'cpu_count': os.cpu_count()}
 
 
 def environment_suite(config: MECConfig, *, batch: int = 100_000, alloc_batch: int = 10_000,
@@ -82,3 +124,418 @@ def _fmt(seconds: float) -> str:
   if seconds >= 1e-3:
     return f'{seconds * 1e3:.3f} ms'
   return f'{seconds * 1e6:.2f} us'
+
+
+# ------------------------------------------------------------------ line fit
+
+
+def fit_line(ops_count, seconds) -> dict:
+  """Least squares seconds ~ overhead_s + seconds_per_op * ops, with R^2.
+
+  With a single distinct op count the slope is undefined: it is reported as 0 and the
+  overhead is the mean. R^2 is None when the seconds do not vary.
+  """
+  x = np.asarray(ops_count, np.float64)
+  y = np.asarray(seconds, np.float64)
+  if x.ndim != 1 or x.shape != y.shape or x.size == 0:
+    raise ValueError(f'fit_line needs two 1-D arrays of the same length; got shapes '
+                     f'{x.shape} and {y.shape}')
+  if np.ptp(x) == 0:
+    slope, overhead = 0.0, float(y.mean())
+  else:
+    design = np.stack([np.ones_like(x), x], 1)
+    (overhead, slope), *_ = np.linalg.lstsq(design, y, rcond=None)
+  residual = y - (overhead + slope * x)
+  total = float(((y - y.mean()) ** 2).sum())
+  r2 = 1.0 - float((residual ** 2).sum()) / total if total > 0 else None
+  return {'seconds_per_op': float(slope), 'overhead_s': float(overhead), 'r2': r2,
+          'points': int(x.size)}
+
+
+# ------------------------------------------------------- exit-bucketed batched path
+
+
+def power_of_two_chunks(count: int, min_chunk: int = 8) -> list[int]:
+  """Call sizes covering `count` slots, largest first: `count` rounded up to a multiple
+  of `min_chunk` (a power of two), split into its binary digits.
+
+  Every size is a power of two, so the compiles per exit stay below log2(batch); the
+  padding is under `min_chunk` slots, where padding the whole group to the next power
+  of two can nearly double its work (e.g. 137 slots -> 256).
+  """
+  if min_chunk < 1 or min_chunk & (min_chunk - 1):
+    raise ValueError(f'min_chunk = {min_chunk!r}; must be a power of two')
+  if count < 1:
+    return []
+  padded = -(-count // min_chunk) * min_chunk
+  return [1 << b for b in reversed(range(padded.bit_length())) if padded >> b & 1]
+
+
+def group_by_exit(config: ModelConfig, k, l, min_chunk: int = 8
+                  ) -> list[tuple[int, int, np.ndarray]]:
+  """(k, l, slot indices int32) of every call of the exit-bucketed path.
+
+  Slots are grouped by their exit on the host; each group is cut into
+  `power_of_two_chunks`. Only a group's last chunk is padded, with copies of the
+  group's first slot: real inputs, so nothing becomes NaN, and the duplicate writes
+  carry identical values.
+  """
+  k, l = np.asarray(k), np.asarray(l)
+  if k.ndim != 1 or k.shape != l.shape or not np.issubdtype(k.dtype, np.integer) \
+      or not np.issubdtype(l.dtype, np.integer):
+    raise ValueError(f'k and l must be integer arrays [B] of the same shape; got '
+                     f'{k.dtype}{list(k.shape)} and {l.dtype}{list(l.shape)}')
+  K, L = config.num_experts, config.max_depth
+  if k.size and (k.min() < 1 or k.max() > K or l.min() < 1 or l.max() > L):
+    raise ValueError(f'(k, l) outside 1..{K} x 1..{L} (ModelConfig.num_experts, max_depth)')
+  option = (k.astype(np.int64) - 1) * L + (l - 1)
+  order = np.argsort(option, kind='stable')
+  counts = np.bincount(option, minlength=K * L)
+  bounds = np.concatenate([[0], np.cumsum(counts)])
+  calls = []
+  for o in np.flatnonzero(counts):
+    members = order[bounds[o]:bounds[o + 1]]
+    start = 0
+    for size in power_of_two_chunks(len(members), min_chunk):
+      part = members[start:start + size]
+      start += size
+      part = np.concatenate([part, np.full(size - len(part), members[0])])
+      calls.append((int(o // L + 1), int(o % L + 1), part.astype(np.int32)))
+  return calls
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_call(config: ModelConfig, k: int, l: int):
+  """Jitted: gather a chunk of slots, run exit (k, l) on it only, scatter into `out`.
+
+  `out` is donated, so the scatter writes in place instead of copying the whole batch
+  once per call. One compile per chunk size.
+  """
+  def run(variables, features, offload_mask, index, out):
+    got = per_slot_forward(config, k, l, variables, features[index], offload_mask[index])
+    return jax.tree.map(lambda o, g: o.at[index].set(g.astype(o.dtype)), out, got)
+
+  return jax.jit(run, donate_argnums=4)
+
+
+def bucketed_apply(config: ModelConfig, variables: dict, features: Array,
+                   offload_mask: Array, k, l, *, min_chunk: int = 8) -> Allocation:
+  """Exit-bucketed batched inference: every slot runs only its own sub-network.
+
+  features [B, W, 5], offload_mask bool [B, W], k and l int [B] (host or device). Slots
+  are grouped by (k, l) on the host (`group_by_exit`) and each chunk runs the per-slot
+  variant of its exit vmapped over the chunk, so the work follows each slot's exit,
+  unlike the batched path (`moe_forward`), which computes every expert and layer and
+  masks them. Gives the same `Allocation` as the batched path (to float rounding).
+  """
+  if np.ndim(features) != 3:
+    raise ValueError(f'features have shape {np.shape(features)}; expected [B, W, 5]')
+  features, offload_mask = jnp.asarray(features), jnp.asarray(offload_mask)
+  calls = group_by_exit(config, k, l, min_chunk)
+  batch, width = offload_mask.shape
+  # Five distinct buffers: one donated buffer cannot back two outputs.
+  out = Allocation(*(jnp.zeros((batch, width), features.dtype) for _ in range(4)),
+                   jnp.zeros((batch, config.num_experts), features.dtype))
+  for kk, ll, index in calls:
+    out = _bucket_call(config, kk, ll)(variables, features, offload_mask, index, out)
+  return out
+
+
+# ------------------------------------------------------------------ exits suite
+
+
+def network_variables(mec: MECConfig, model: ModelConfig, seed: int = 0,
+                      params=None) -> tuple[dict, dict]:
+  """({name: flax variables}, {name: 'trained' | 'random'}) for the four networks.
+
+  Latency does not depend on the parameter values, so networks missing from `params`
+  (a `dynn_jax.evaluation.Params`, or None) get random ones.
+  """
+  slots = sample_slots(jax.random.PRNGKey(0), mec)
+  feats = normalized_features(slots, mec)
+  modules = {'allocator': MoEAllocator(model), 'static': StaticAllocator(model),
+             'policy': Policy(model), 'scheduler': Scheduler(model)}
+  variables, sources = {}, {}
+  for i, (name, module) in enumerate(modules.items()):
+    trained = None if params is None else getattr(params, name)
+    if trained is not None:
+      variables[name], sources[name] = {'params': trained}, 'trained'
+    else:
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+      variables[name], sources[name] = module.init(key, feats, slots.mask), 'random'
+  return variables, sources
+
+
+def _dispatch_floor(variables, features, offload_mask):
+  # Same arguments as a per-slot call (the parameter tree is flattened either way),
+  # almost no work: what any call of this signature costs.
+  return features[0, 0]
+
+
+def _dispatch_floor_features(features, offload_mask):
+  return features[0, 0]
+
+
+def _timed(timing: Timing, **extra) -> dict:
+  return {**timing.to_dict(), **extra}
+
+
+def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = None,
+                seed: int = 0, min_seconds: float = 1.0, min_calls: int = 1000,
+                heavy_calls: int = 10, batch: int = 4096, min_chunk: int = 8,
+                ga_config: GAConfig = GAConfig(), params=None,
+                log: Callable[[str], None] | None = None) -> dict:
+  """Per-slot latency of every exit and of the other networks and solvers, batched
+  throughput (masked vs exit-bucketed), the fitted device constant and the table.
+
+  n_users: real (all offloaded) users in the timed slots, default `mec.n_users`; the
+  compiled shapes use the padded width `mec.width`, which the per-slot cost follows.
+  Per-slot timings run until both `min_calls` calls and `min_seconds`; the GA and the
+  batched paths until `min(min_calls, heavy_calls)` calls and `min_seconds`.
+  `params`: trained networks (`dynn_jax.evaluation.Params`), random ones where None.
+  """
+  n_users = mec.n_users if n_users is None else n_users
+  if not 1 <= n_users <= mec.width:
+    raise ValueError(f'n_users = {n_users}; allowed range [1, {mec.width}] (the padded width)')
+  if mec.width > model.max_users:
+    raise ValueError(f'the padded width {mec.width} exceeds ModelConfig.max_users = '
+                     f'{model.max_users}')
+  say = log or (lambda message: None)
+  K, L = model.num_experts, model.max_depth
+  key = jax.random.PRNGKey(seed)
+  variables, sources = network_variables(mec, model, seed, params)
+  slots = sample_slots(jax.random.fold_in(key, 1), mec, n_users=n_users)
+  feats, mask = normalized_features(slots, mec), slots.mask
+  alloc = variables['allocator']
+  per_slot = dict(min_calls=min_calls, min_seconds=min_seconds)
+  heavy = dict(min_calls=min(min_calls, heavy_calls), min_seconds=min_seconds)
+  results = {'n_users': n_users, 'width': mec.width, 'batch': batch, 'seed': seed,
+             'min_calls': min_calls, 'min_seconds': min_seconds, 'networks': sources,
+             'load_start': host_load(), 'runtime': runtime_info()}
+
+  say('dispatch floor')
+  results['dispatch_floor'] = _timed(benchmark(_dispatch_floor, alloc, feats, mask,
+                                               **per_slot))
+  results['dispatch_floor_features'] = _timed(benchmark(_dispatch_floor_features, feats,
+                                                        mask, **per_slot))
+  exits = []
+  for k in range(1, K + 1):
+    for l in range(1, L + 1):
+      say(f'exit k={k} l={l}')
+      count = float(ops.allocation_ops(model, k, l, n_users))
+      t = benchmark(per_slot_apply(model, k, l), alloc, feats, mask, **per_slot)
+      exits.append(_timed(t, k=k, l=l, ops=count,
+                          modelled_delay_s=float(ops.ops_to_delay(count, mec))))
+  results['exits'] = exits
+  # Measured again after the exits: the drift shows how much the load moved.
+  results['dispatch_floor_end'] = _timed(benchmark(_dispatch_floor, alloc, feats, mask,
+                                                   **per_slot))
+
+  say('static, scheduler, policy')
+  static, sched, policy = StaticAllocator(model), Scheduler(model), Policy(model)
+  results['static'] = _timed(
+      benchmark(lambda v, f, m: static.apply(v, f, m), variables['static'], feats, mask,
+                **per_slot), ops=float(ops.static_ops(model, n_users)))
+  results['scheduler'] = _timed(
+      benchmark(lambda v, f, m: sched.apply(v, f, m), variables['scheduler'], feats, mask,
+                **per_slot), ops=float(ops.scheduler_ops(model, n_users)))
+  results['policy'] = _timed(
+      benchmark(lambda v, f, m: policy.apply(v, f, m), variables['policy'], feats, mask,
+                **per_slot), ops=float(ops.policy_ops(model)))
+
+  say('solvers')
+  results['optimal_allocation'] = _timed(benchmark(
+      lambda s, x: optimal_allocation(s, x, mec), slots, mask, **per_slot))
+  results['equal_split'] = _timed(benchmark(
+      lambda s, x: equal_split(s, x, mec), slots, mask, **per_slot))
+  results['ga'] = _timed(
+      benchmark(lambda kk, s: ga_solve(kk, s, mec, ga_config)[0], key, slots, **heavy),
+      population=ga_config.population(mec), generations=ga_config.generations)
+
+  say(f'batched paths, {batch} slots')
+  results['batched_masked'], results['batched_bucketed'] = _batched(
+      mec, model, alloc, jax.random.fold_in(key, 2), batch, n_users, min_chunk, heavy)
+
+  ops_count = [e['ops'] for e in exits]
+  results['fit'] = {**fit_line(ops_count, [e['median_s'] for e in exits]),
+                    'modelled_seconds_per_op': mec.cycles_per_op / mec.f_ser}
+  results['load_end'] = host_load()
+  results['targets'] = targets(results, K, L)
+  results['latency_table'] = latency_table(results, mec, model)
+  return results
+
+
+def _batched(mec: MECConfig, model: ModelConfig, alloc: dict, key: Array, batch: int,
+             n_users: int, min_chunk: int, heavy: dict) -> tuple[dict, dict]:
+  """Throughput of the masked batched path and of the exit-bucketed one on a uniform
+  random mix of exits, and how far apart their shares are."""
+  ks, ko = jax.random.split(key)
+  slots = sample_slots(ks, mec, batch, n_users=n_users)
+  feats, mask = normalized_features(slots, mec), slots.mask
+  option = jax.random.randint(ko, (batch,), 0, model.num_options)
+  k, l = option // model.max_depth + 1, option % model.max_depth + 1
+
+  def masked(v, f, m, k, l):
+    return moe_forward(model, v, f, m, k, l)
+
+  t = benchmark(masked, alloc, feats, mask, k, l, **heavy)
+  masked_out = jax.jit(masked)(alloc, feats, mask, k, l)
+  masked_result = _timed(t.per_item(batch), batch=batch, slots_per_s=t.rate(batch))
+
+  # The host-side grouping is part of every timed call; the first call compiles one
+  # variant per (exit, chunk size) and stands for the compile time.
+  bucketed = functools.partial(bucketed_apply, model, min_chunk=min_chunk)
+  start = time.perf_counter()
+  out = jax.block_until_ready(bucketed(alloc, feats, mask, k, l))
+  first_s = time.perf_counter() - start
+  t = time_calls(bucketed, alloc, feats, mask, k, l, compile_s=first_s, **heavy)
+  calls = group_by_exit(model, np.asarray(k), np.asarray(l), min_chunk)
+  diff = max(float(jnp.max(jnp.abs(getattr(out, name) - getattr(masked_out, name))))
+             for name in ('b_share', 'f_share'))
+  bucketed_result = _timed(t.per_item(batch), batch=batch, slots_per_s=t.rate(batch),
+                           calls_per_batch=len(calls),
+                           padded_slots=int(sum(len(c[2]) for c in calls)) - batch,
+                           min_chunk=min_chunk, max_abs_share_diff=diff)
+  return masked_result, bucketed_result
+
+
+def targets(results: dict, K: int, L: int) -> dict:
+  """The issue's latency targets, as measured in this run (recorded, never asserted)."""
+  exits = {(e['k'], e['l']): e['median_s'] for e in results['exits']}
+  smallest, full = exits[(1, 1)], exits[(K, L)]
+  floor = results['dispatch_floor']['median_s']
+  speedup = (results['batched_bucketed']['slots_per_s']
+             / results['batched_masked']['slots_per_s'])
+  out = {'smallest_over_floor': (smallest / floor, '<=', 4.0),
+         'full_over_smallest': (full / smallest, '>=', 3.0),
+         'bucketed_over_masked_throughput': (speedup, '>=', 1.5)}
+  return {name: {'value': value, 'target': f'{op} {bound}',
+                 'met': value <= bound if op == '<=' else value >= bound}
+          for name, (value, op, bound) in out.items()}
+
+
+def latency_table(results: dict, mec: MECConfig, model: ModelConfig) -> dict:
+  """The measured inference-delay table (`dynn_jax.latency` format) of an exits run."""
+  K, L = model.num_experts, model.max_depth
+  grid = [[None] * L for _ in range(K)]
+  for e in results['exits']:
+    grid[e['k'] - 1][e['l'] - 1] = e['median_s']
+  return {'format': latency.TABLE_FORMAT,
+          'device': {**latency.current_device(), **runtime_info()},
+          'n_users': mec.width, 'n_offloaded': results['n_users'],
+          'model': model.to_dict(), 'allocator_s': grid,
+          'static_s': results['static']['median_s'],
+          'policy_s': results['policy']['median_s'],
+          'scheduler_s': results['scheduler']['median_s'],
+          'solvers_s': {'optimal': results['optimal_allocation']['median_s'],
+                        'ga': results['ga']['median_s'],
+                        'equal_split': results['equal_split']['median_s']},
+          'dispatch_floor_s': results['dispatch_floor']['median_s'],
+          'fit': {k: results['fit'][k] for k in ('seconds_per_op', 'overhead_s', 'r2')},
+          'measured_at': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+          'load': results['load_start']}
+
+
+def _slug(text: str) -> str:
+  return re.sub(r'[^a-z0-9]+', '_', str(text).lower()).strip('_') or 'unknown'
+
+
+def table_path(out_dir: str, device: dict, width: int, ext: str = 'json') -> str:
+  """<out_dir>/latency_<platform>_<device_kind>_n<W>.<ext>: one table per device and width."""
+  name = f'latency_{_slug(device["platform"])}_{_slug(device["device_kind"])}_n{width}'
+  return os.path.join(out_dir, f'{name}.{ext}')
+
+
+def write_table(out_dir: str, table: dict) -> str:
+  path = table_path(out_dir, table['device'], table['n_users'])
+  write_json_atomic(path, table)
+  return path
+
+
+def format_exits(results: dict) -> str:
+  """Per-exit table (microseconds), the other networks and solvers, fit and targets."""
+  us = lambda s: f'{s * 1e6:10.1f}'
+  floor = results['dispatch_floor']['median_s']
+  lines = [f'{"k":>3s} {"l":>2s} {"ops":>10s} {"modelled":>10s} {"median":>10s} '
+           f'{"p10":>10s} {"p90":>10s} {"x floor":>8s} {"calls":>7s} {"compile s":>9s}'
+           '   (times in us)']
+  for e in results['exits']:
+    lines.append(f'{e["k"]:3d} {e["l"]:2d} {e["ops"]:10.4g} {us(e["modelled_delay_s"])} '
+                 f'{us(e["median_s"])} {us(e["p10_s"])} {us(e["p90_s"])} '
+                 f'{e["median_s"] / floor:8.2f} {e["calls"]:7d} {e["compile_s"]:9.2f}')
+  lines.append('')
+  others = {name: results[name] for name in (
+      'dispatch_floor', 'dispatch_floor_features', 'dispatch_floor_end', 'static',
+      'scheduler', 'policy', 'optimal_allocation', 'equal_split', 'ga', 'batched_masked',
+      'batched_bucketed')}
+  lines.append(format_table(others))
+  fit = results['fit']
+  r2 = 'n/a' if fit['r2'] is None else f'{fit["r2"]:.3f}'
+  lines.append(f'\nfit: latency = {fit["overhead_s"] * 1e6:.2f} us + '
+               f'{fit["seconds_per_op"] * 1e12:.2f} ps/op x ops   (R^2 {r2}; modelled '
+               f'{fit["modelled_seconds_per_op"] * 1e12:.0f} ps/op, no overhead)')
+  for name, t in results['targets'].items():
+    lines.append(f'{name:34s} {t["value"]:8.2f}  target {t["target"]:8s} '
+                 f'{"met" if t["met"] else "MISSED"}')
+  start, end = results['load_start'], results['load_end']
+  lines.append(f'load average (1 min) {start["load_1m"]:.2f} -> {end["load_1m"]:.2f} on '
+               f'{start["cpu_count"]} cores; cpu async dispatch '
+               f'{results["runtime"]["cpu_async_dispatch"]}')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------ profile
+
+
+def write_profile(profile_dir: str, mec: MECConfig, model: ModelConfig,
+                  variables: dict, *, calls: int = 5, train_steps: int = 3,
+                  train_batch: int = 64, seed: int = 0) -> dict:
+  """A jax.profiler trace (TensorBoard / Perfetto) of per-slot calls of the smallest and
+  the full exit and of a few allocator training steps, all compiled beforehand so the
+  trace shows execution, not compilation. `variables`: `network_variables(...)[0]`.
+
+  Returns the files of this trace: {'dir', 'perfetto', 'xplane'} (jax writes each trace
+  to a new <profile_dir>/plugins/profile/<time> folder).
+  """
+  # Imported here: training pulls in optax and the evaluation module, which the
+  # timing suites do not need.
+  import optax
+  from dynn_jax import training
+
+  slots = sample_slots(jax.random.PRNGKey(seed), mec)
+  feats, mask = normalized_features(slots, mec), slots.mask
+  alloc = variables['allocator']
+  exits = sorted({(1, 1), (model.num_experts, model.max_depth)})
+  compiled = {kl: per_slot_apply(model, *kl).lower(alloc, feats, mask).compile()
+              for kl in exits}
+  train = training.TrainConfig(seed=seed, batch=train_batch)
+  tx = optax.adam(train.alloc_lr)
+  params = alloc['params']
+  state = training.TrainState(params, tx.init(params), jnp.int32(0))
+  step = training.allocator_step(training.moe_apply(model), tx, mec, train, model,
+                                 dynamic=True)
+  chunk = training._scan_chunk(step, jax.random.PRNGKey(seed + 1))
+  for kl, fn in compiled.items():
+    jax.block_until_ready(fn(alloc, feats, mask))
+  jax.block_until_ready(chunk(state, 1))
+
+  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+    for (k, l), fn in compiled.items():
+      for i in range(calls):
+        with jax.profiler.TraceAnnotation(f'per_slot k={k} l={l} call {i}'):
+          jax.block_until_ready(fn(alloc, feats, mask))
+    for i in range(train_steps):
+      with jax.profiler.StepTraceAnnotation('train_allocator', step_num=i):
+        state, _ = chunk(state, 1)
+        jax.block_until_ready(state)
+  return _trace_files(profile_dir)
+
+
+def _trace_files(profile_dir: str) -> dict:
+  runs = os.path.join(profile_dir, 'plugins', 'profile')
+  newest = max((os.path.join(runs, d) for d in os.listdir(runs)), key=os.path.getmtime)
+  files = sorted(os.listdir(newest))
+  pick = lambda suffix: next((os.path.join(newest, f) for f in files if f.endswith(suffix)),
+                             None)
+  return {'dir': newest, 'perfetto': pick('perfetto_trace.json.gz'),
+          'xplane': pick('.xplane.pb')}

@@ -170,6 +170,11 @@ def weighted_edge_delay(slots: Slots, x: Array, b: Array, f: Array,
   return _weighted_sum(importance_weight(slots, config), take, t_tra + t_com)
 
 
+def _scaled(weight: float, value: Array) -> Array:
+  # A zero weight drops the term even where it is +inf (0 * inf would be NaN).
+  return weight * value if weight else jnp.zeros(value.shape)
+
+
 def _weighted_sum(w: Array, take: Array, t: Array) -> Array:
   # Zero-weight users drop out even where t is +inf (0 * inf would be NaN).
   return jnp.where(take & (w > 0), w * t, 0.0).sum(-1)
@@ -194,8 +199,8 @@ def slot_costs(slots: Slots, decision: Decision, config: MECConfig,
   e_loc = config.mu * slots.c * slots.s * slots.f_loc ** 2
   energy = jnp.where(mask, jnp.where(x, e_edge, e_loc), 0.0)
   miss = mask & (delay > slots.d)
-  cost = jnp.where(mask, config.alpha * delay + config.beta * energy
-                   + config.delta * miss, 0.0)
+  cost = jnp.where(mask, _scaled(config.alpha, delay) + _scaled(config.beta, energy)
+                   + _scaled(config.delta, miss), 0.0)
   n = jnp.maximum(mask.sum(-1), 1)
   w = importance_weight(slots, config)
   weighted = _weighted_sum(w, x, t_tra + t_com)

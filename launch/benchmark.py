@@ -1,38 +1,135 @@
 """Times the environment, the solvers and (with --suite=exits) every DyNN exit.
 
   python launch/benchmark.py --flagfile=launch/flags/bench_env.flags --out=results.json
+  python launch/benchmark.py --flagfile=launch/flags/bench_exits.flags --out=results/exits.json
+
+--suite=exits (or all) also writes, into --out_dir (default: the folder of --out), the
+measured latency table latency_<platform>_<device_kind>_n<W>.json that
+`launch/evaluate.py --inference_delay=measured --latency_table=...` loads, and a PNG of
+latency against ops per exit. --profile_dir=DIR writes a jax.profiler trace of a few
+per-slot calls and training steps (TensorBoard or Perfetto). Parameters are random
+unless --networks names a trained run: latency does not depend on their values.
 """
 
+import dataclasses
+import os
+
+import jax
 from absl import app, flags
 
-from dynn_jax import benchmark, cli
+from dynn_jax import benchmark, cli, plots
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
+from dynn_jax.models import ModelConfig
+from dynn_jax.solvers.ga import GAConfig
 
-flags.DEFINE_enum('suite', 'env', ['env'], 'Which benchmarks to run.')
+flags.DEFINE_enum('suite', 'env', ['env', 'exits', 'all'], 'Which benchmarks to run.')
 flags.DEFINE_string('out', None, 'JSON file for the results (written atomically).')
+flags.DEFINE_string('out_dir', None, 'Folder for the latency table and the plot '
+                    '(default: the folder of --out, else results/benchmark).')
+flags.DEFINE_string('profile_dir', None, 'Write a jax.profiler trace here.')
+flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory holding it: '
+                    'time the trained networks (model sizes come from it).')
 flags.DEFINE_integer('seed', 0, 'PRNG seed.')
 flags.DEFINE_integer('batch', 100_000, 'Slots per call for sampling + evaluation.')
 flags.DEFINE_integer('alloc_batch', 10_000, 'Slots per call for the batched exact allocation.')
 flags.DEFINE_integer('ga_batch', 4, 'Slots per call for the batched GA.')
+flags.DEFINE_integer('exit_batch', 4096, 'Slots per call for the masked and exit-bucketed '
+                     'batched throughput.')
+flags.DEFINE_integer('min_chunk', 8, 'Smallest call (a power of two) of the exit-bucketed path.')
 flags.DEFINE_float('min_seconds', 1.0, 'Time each benchmark for at least this long.')
+flags.DEFINE_integer('min_calls', 1000, 'Time each per-slot benchmark for at least this many '
+                     'calls.')
+flags.DEFINE_integer('heavy_calls', 10, 'At least this many calls (capped by --min_calls) for '
+                     'the GA and the batched paths.')
+flags.DEFINE_bool('cpu_async_dispatch', False, 'Keep jax\'s asynchronous CPU dispatch: it '
+                  'hands every call to a worker thread, which dominates and blurs the '
+                  'latency of calls of a few tens of microseconds.')
 cli.define_flags(MECConfig)
+cli.define_flags(ModelConfig, skip=('max_users',))
+cli.define_flags(GAConfig, prefix='ga_')
 FLAGS = flags.FLAGS
+
+
+def networks_path(path: str) -> str:
+  return os.path.join(path, 'networks.msgpack') if os.path.isdir(path) else path
+
+
+def configs():
+  """(mec, model, params): from the flags, or a trained run with given flags on top."""
+  if not FLAGS.networks:
+    mec = cli.from_flags(MECConfig)
+    return mec, cli.from_flags(ModelConfig, max_users=mec.width), None
+  from dynn_jax.training import load_networks  # pulls in optax; only needed here
+  try:
+    params, trained, model, _ = load_networks(networks_path(FLAGS.networks))
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
+  given = [f.name for f in dataclasses.fields(ModelConfig) if f.name in FLAGS
+           and FLAGS[f.name].present]
+  if given:
+    raise app.UsageError(f'--networks fixes the model; drop {", ".join("--" + g for g in given)}')
+  system = {f.name: FLAGS[f.name].value for f in dataclasses.fields(MECConfig)
+            if FLAGS[f.name].present}
+  try:
+    mec = trained.replace(**system)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if mec.width > model.max_users:
+    raise app.UsageError(f'--n_users/--n_max give {mec.width} user positions; the networks '
+                         f'accept at most {model.max_users}')
+  return mec, model, params
+
+
+def output_dir() -> str:
+  if FLAGS.out_dir:
+    return FLAGS.out_dir
+  if FLAGS.out:
+    return os.path.dirname(FLAGS.out) or '.'
+  return os.path.join('results', 'benchmark')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  for name in ('batch', 'alloc_batch', 'ga_batch'):
+  # Before anything starts the backend: the CPU client reads it once, at creation.
+  jax.config.update('jax_cpu_enable_async_dispatch', FLAGS.cpu_async_dispatch)
+  for name in ('batch', 'alloc_batch', 'ga_batch', 'exit_batch', 'min_calls', 'heavy_calls',
+               'min_chunk'):
     cli.check_range(name, FLAGS[name].value, 1)
+  if FLAGS.min_chunk & (FLAGS.min_chunk - 1):
+    raise app.UsageError(f'--min_chunk = {FLAGS.min_chunk}; must be a power of two')
   cli.check_range('min_seconds', FLAGS.min_seconds, 0.0)
-  config = cli.from_flags(MECConfig)
-  results = {'device': benchmark.device_info(), 'config': config.to_dict(),
+  mec, model, params = configs()
+  ga_config = cli.from_flags(GAConfig, prefix='ga_')
+  out_dir = output_dir()
+  results = {'device': benchmark.device_info(), 'config': mec.to_dict(),
+             'model': model.to_dict(), 'ga': dataclasses.asdict(ga_config),
              'seed': FLAGS.seed}
-  results['environment'] = benchmark.environment_suite(
-      config, batch=FLAGS.batch, alloc_batch=FLAGS.alloc_batch, ga_batch=FLAGS.ga_batch,
-      seed=FLAGS.seed, min_seconds=FLAGS.min_seconds)
-  print(benchmark.format_table(results['environment']))
+  if FLAGS.suite in ('env', 'all'):
+    results['environment'] = benchmark.environment_suite(
+        mec, batch=FLAGS.batch, alloc_batch=FLAGS.alloc_batch, ga_batch=FLAGS.ga_batch,
+        ga_config=ga_config, seed=FLAGS.seed, min_seconds=FLAGS.min_seconds)
+    print(benchmark.format_table(results['environment']))
+  if FLAGS.suite in ('exits', 'all'):
+    exits = benchmark.exits_suite(
+        mec, model, seed=FLAGS.seed, min_seconds=FLAGS.min_seconds, min_calls=FLAGS.min_calls,
+        heavy_calls=FLAGS.heavy_calls, batch=FLAGS.exit_batch, min_chunk=FLAGS.min_chunk,
+        ga_config=ga_config, params=params, log=lambda m: print(f'timing {m}', flush=True))
+    results['exits'] = exits
+    print(benchmark.format_exits(exits))
+    results['latency_table_path'] = benchmark.write_table(out_dir, exits['latency_table'])
+    results['plot_path'] = benchmark.table_path(out_dir, exits['latency_table']['device'],
+                                                mec.width, 'png')
+    plots.latency_vs_ops(exits, results['plot_path'])
+    print(f'wrote {results["latency_table_path"]} and {results["plot_path"]}')
+  if FLAGS.profile_dir:
+    variables, _ = benchmark.network_variables(mec, model, FLAGS.seed, params)
+    results['profile'] = benchmark.write_profile(FLAGS.profile_dir, mec, model, variables,
+                                                 seed=FLAGS.seed)
+    print(f'wrote a profile trace under {FLAGS.profile_dir}: tensorboard --logdir '
+          f'{FLAGS.profile_dir} (Profile tab), or open {results["profile"]["perfetto"]} '
+          'at https://ui.perfetto.dev')
   if FLAGS.out:
     write_json_atomic(FLAGS.out, results)
     print(f'wrote {FLAGS.out}')

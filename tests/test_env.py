@@ -144,3 +144,12 @@ def test_weighted_edge_delay_matches_costs():
   dec = equal_split(slots, slots.mask, cfg)
   np.testing.assert_allclose(weighted_edge_delay(slots, dec.x, dec.b, dec.f, cfg),
                              slot_costs(slots, dec, cfg).weighted_delay, rtol=1e-6)
+
+
+def test_zero_objective_weights_drop_infinite_terms():
+  cfg = MECConfig(n_users=3, alpha=0.0, beta=0.0)
+  slots = sample_slots(jax.random.PRNGKey(0), cfg)
+  starved = Decision(jnp.ones(3, bool), jnp.zeros(3), jnp.zeros(3))
+  costs = slot_costs(slots, starved, cfg)
+  assert np.all(np.isinf(np.asarray(costs.delay)))
+  np.testing.assert_allclose(costs.objective, 3 * cfg.delta)

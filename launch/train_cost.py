@@ -1,0 +1,56 @@
+"""Training-cost study (the paper's Fig. 12): wall time for progressive shrinking and for
+from-scratch training to bring every sub-network within --bar of the optimum.
+
+  python launch/train_cost.py --flagfile=launch/flags/train_cost.flags --out=results/cost.json
+"""
+
+import os
+
+from absl import app, flags
+
+from dynn_jax import cli, cost_study, training
+from dynn_jax.config import MECConfig
+from dynn_jax.io import write_json_atomic
+from dynn_jax.models import ModelConfig
+
+flags.DEFINE_string('out', 'results/train_cost.json', 'JSON file for the study.')
+flags.DEFINE_float('bar', 0.15, 'Relative gap to the optimum every sub-network must reach.')
+flags.DEFINE_integer('max_steps', 20_000, 'Give up on a schedule after this many steps.')
+flags.DEFINE_integer('study_eval_slots', 1024, 'Held-out slots of the quality checks.')
+flags.DEFINE_list('kinds', list(cost_study.KINDS), 'Network kinds: full, width, depth.')
+cli.define_flags(MECConfig)
+cli.define_flags(ModelConfig, skip=('max_users',))
+cli.define_flags(training.TrainConfig)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  mec = cli.from_flags(MECConfig)
+  model = cli.from_flags(ModelConfig, max_users=mec.width)
+  train = cli.from_flags(training.TrainConfig)
+  cli.check_range('bar', FLAGS.bar, 0.0)
+  cli.check_range('max_steps', FLAGS.max_steps, 1)
+  cli.check_range('study_eval_slots', FLAGS.study_eval_slots, 1)
+  unknown = sorted(set(FLAGS.kinds) - set(cost_study.KINDS))
+  if unknown:
+    raise app.UsageError(f'--kinds: unknown {unknown}; allowed {list(cost_study.KINDS)}')
+  study = cost_study.run_study(mec, model, train, bar=FLAGS.bar, max_steps=FLAGS.max_steps,
+                               eval_slots=FLAGS.study_eval_slots, kinds=tuple(FLAGS.kinds))
+  study['config'] = {'mec': mec.to_dict(), 'model': model.to_dict(), 'train': train.to_dict()}
+  write_json_atomic(FLAGS.out, study)
+  print(f'{"kind":8s} {"schedule":12s} {"reached":>8s} {"steps":>7s} {"seconds":>9s}')
+  for r in study['results']:
+    print(f'{r["kind"]:8s} {r["schedule"]:12s} {str(r["reached"]):>8s} {r["steps"]:7d} '
+          f'{r["seconds"]:9.2f}')
+  for kind, speedup in study['speedup'].items():
+    print(f'{kind}: progressive shrinking is {speedup:.2f}x faster than scratch')
+  from dynn_jax import plots
+  png = os.path.splitext(FLAGS.out)[0] + '.png'
+  plots.training_cost(study, png)
+  print(f'wrote {FLAGS.out} and {png}')
+
+
+if __name__ == '__main__':
+  app.run(main)

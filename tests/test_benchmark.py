@@ -1,0 +1,142 @@
+"""Exit benchmark: every exit timed, bucketed == masked, the table round-trips through
+dynn_jax.latency, the fit, and the launcher's files. Nothing here asserts a speed."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dynn_jax import latency
+from dynn_jax.benchmark import (bucketed_apply, fit_line, group_by_exit,
+                                network_variables, power_of_two_chunks)
+from dynn_jax.config import MECConfig
+from dynn_jax.env import normalized_features, sample_slots
+from dynn_jax.models import ModelConfig, moe_forward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEC = MECConfig(n_users=6)
+MODEL = ModelConfig.for_env(MEC, num_experts=3, max_depth=2, width=8, static_width=8)
+TINY = ['--n_users=6', '--num_experts=3', '--max_depth=2', '--width=8', '--static_width=8',
+        '--min_seconds=0.01', '--min_calls=5', '--heavy_calls=2', '--exit_batch=32',
+        '--ga_generations=3']
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory):
+  """One tiny launcher run (exits suite + profile) shared by the tests below."""
+  out = tmp_path_factory.mktemp('bench')
+  result = subprocess.run(
+      [sys.executable, 'launch/benchmark.py', '--flagfile=launch/flags/bench_exits.flags',
+       *TINY, f'--out={out / "exits.json"}', f'--profile_dir={out / "profile"}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / 'exits.json') as f:
+    return out, json.load(f), result.stdout
+
+
+def test_launcher_writes_json_table_png_and_profile(launched):
+  out, results, stdout = launched
+  table = out / 'latency_cpu_cpu_n6.json'
+  png = out / 'latency_cpu_cpu_n6.png'
+  assert results['latency_table_path'] == str(table) and table.exists()
+  assert results['plot_path'] == str(png)
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  with open(table) as f:
+    assert json.load(f) == results['exits']['latency_table']
+  assert os.path.exists(results['profile']['perfetto'])
+  assert os.path.exists(results['profile']['xplane'])
+  assert 'smallest_over_floor' in stdout and 'fit: latency' in stdout
+
+
+def test_every_exit_timed(launched):
+  _, results, _ = launched
+  exits = results['exits']['exits']
+  assert sorted((e['k'], e['l']) for e in exits) == [(k, l) for k in (1, 2, 3) for l in (1, 2)]
+  for e in exits:
+    assert math.isfinite(e['median_s']) and e['median_s'] > 0, e
+    assert e['p10_s'] <= e['median_s'] <= e['p90_s'], e
+    assert e['calls'] >= 5 and e['compile_s'] > 0 and e['ops'] > 0, e
+  ops_by_exit = {(e['k'], e['l']): e['ops'] for e in exits}
+  assert ops_by_exit[(1, 1)] < ops_by_exit[(3, 2)]
+  for name in ('dispatch_floor', 'static', 'scheduler', 'policy', 'optimal_allocation',
+               'equal_split', 'ga', 'batched_masked', 'batched_bucketed'):
+    r = results['exits'][name]
+    assert r['median_s'] > 0 and r['p10_s'] <= r['median_s'] <= r['p90_s'], name
+  bucketed = results['exits']['batched_bucketed']
+  assert bucketed['slots_per_s'] > 0 and bucketed['max_abs_share_diff'] < 1e-5
+  assert set(results['exits']['targets']) == {
+      'smallest_over_floor', 'full_over_smallest', 'bucketed_over_masked_throughput'}
+
+
+def test_table_is_device_versioned(launched, tmp_path):
+  out, _, _ = launched
+  path = str(out / 'latency_cpu_cpu_n6.json')
+  table = latency.load_table(path, MODEL, MEC)
+  assert len(table.allocator_s) == 3 and len(table.allocator_s[0]) == 2
+  assert table.static_s > 0 and table.policy_s > 0 and table.scheduler_s > 0
+  assert {name for name, _ in table.solvers_s} == {'optimal', 'ga', 'equal_split'}
+  with open(path) as f:
+    data = json.load(f)
+  data['device']['device_kind'] = 'some other chip'
+  moved = tmp_path / 'other.json'
+  moved.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match='device'):
+    latency.load_table(str(moved), MODEL, MEC)
+  assert latency.load_table(str(moved), MODEL, MEC, allow_other_device=True).allocator_s \
+      == table.allocator_s
+  with pytest.raises(ValueError, match='user'):
+    latency.load_table(path, MODEL, MEC.replace(n_max=8))
+
+
+def test_bucketed_matches_masked_on_mixed_batch():
+  # Exit (1, 1) gets 12 slots (chunks of 8 + 4), the others fewer: padding and
+  # several chunks per exit are both exercised.
+  option = np.concatenate([np.zeros(12, int), np.arange(1, 6).repeat(3)])
+  option = np.random.default_rng(0).permutation(option)
+  k, l = option // MODEL.max_depth + 1, option % MODEL.max_depth + 1
+  slots = sample_slots(jax.random.PRNGKey(3), MEC, len(option))
+  feats = normalized_features(slots, MEC)
+  mask = slots.mask & (jax.random.uniform(jax.random.PRNGKey(4), slots.mask.shape) < 0.7)
+  variables = network_variables(MEC, MODEL, seed=1)[0]['allocator']
+  got = bucketed_apply(MODEL, variables, feats, mask, k, l, min_chunk=4)
+  want = moe_forward(MODEL, variables, feats, mask, k, l)
+  for name in ('b_share', 'f_share', 'b_logits', 'f_logits', 'gate'):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5,
+                               err_msg=name)
+
+
+def test_grouping_covers_every_slot_once():
+  option = np.random.default_rng(1).integers(0, MODEL.num_options, 100)
+  k, l = option // MODEL.max_depth + 1, option % MODEL.max_depth + 1
+  calls = group_by_exit(MODEL, k, l, min_chunk=4)
+  seen = np.concatenate([np.unique(index) for _, _, index in calls])
+  assert sorted(seen) == list(range(100))
+  for kk, ll, index in calls:
+    assert len(index) >= 4 and len(index) & (len(index) - 1) == 0
+    assert np.all(k[index] == kk) and np.all(l[index] == ll)
+  with pytest.raises(ValueError, match='outside'):
+    group_by_exit(MODEL, np.array([4]), np.array([1]))
+
+
+@pytest.mark.parametrize('count,min_chunk', [(1, 8), (8, 8), (137, 8), (137, 1), (4096, 8)])
+def test_power_of_two_chunks(count, min_chunk):
+  sizes = power_of_two_chunks(count, min_chunk)
+  assert count <= sum(sizes) < count + min_chunk
+  assert all(s & (s - 1) == 0 and s >= min_chunk for s in sizes)
+  assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+
+
+def test_fit_recovers_a_known_line():
+  x = np.linspace(1e3, 5e6, 30)
+  noise = np.random.default_rng(0).normal(0.0, 1e-8, x.shape)
+  fit = fit_line(x, 12e-6 + 3e-11 * x + noise)
+  assert fit['overhead_s'] == pytest.approx(12e-6, rel=1e-2)
+  assert fit['seconds_per_op'] == pytest.approx(3e-11, rel=1e-2)
+  assert fit['r2'] > 0.999 and fit['points'] == 30
+  flat = fit_line([5.0, 5.0], [1e-5, 3e-5])
+  assert flat['seconds_per_op'] == 0.0 and flat['overhead_s'] == pytest.approx(2e-5)

@@ -1,0 +1,94 @@
+"""Every shipped flagfile runs (in a tiny setting), and bad input fails before any work."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = ['--n_users=6', '--num_experts=2', '--max_depth=2', '--width=8',
+              '--static_width=8']
+TINY = {
+    'train.py': TINY_MODEL + [
+        '--batch=8', '--full_steps=2', '--width_steps=2', '--depth_steps=2',
+        '--scratch_steps=2', '--static_steps=2', '--policy_steps=2', '--joint_steps=2',
+        '--steps_per_call=2', '--eval_slots=64'],
+    'benchmark.py': TINY_MODEL + [
+        '--batch=256', '--alloc_batch=16', '--ga_batch=2', '--min_seconds=0.01',
+        '--min_calls=3', '--exit_batch=32'],
+    'evaluate.py': ['--slots=128', '--chunk=64'],
+    'train_cost.py': TINY_MODEL + ['--batch=8', '--max_steps=4', '--steps_per_call=2',
+                                   '--study_eval_slots=32'],
+}
+
+
+def run(script, *args, timeout=600):
+  return subprocess.run([sys.executable, os.path.join('launch', script), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def flagfiles():
+  out = []
+  for path in sorted(glob.glob(os.path.join(ROOT, 'launch', 'flags', '*.flags'))):
+    with open(path) as f:
+      first = f.readline()
+    match = re.match(r'#\s*python launch/(\w+\.py)', first)
+    assert match, f'{path}: the first line must name its script: # python launch/<x>.py'
+    out.append((os.path.relpath(path, ROOT), match.group(1)))
+  return out
+
+
+@pytest.fixture(scope='module')
+def tiny_networks(tmp_path_factory):
+  run_dir = str(tmp_path_factory.mktemp('tiny') / 'run')
+  result = run('train.py', '--flagfile=launch/flags/quick.flags', f'--run_dir={run_dir}',
+               *TINY['train.py'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return run_dir
+
+
+@pytest.mark.parametrize('flagfile,script', flagfiles())
+def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
+  assert script in TINY, f'add tiny overrides for {script} to this test'
+  args = [f'--flagfile={flagfile}', *TINY[script]]
+  if script in ('train.py',):
+    args.append(f'--run_dir={tmp_path / "run"}')
+  if script in ('benchmark.py', 'evaluate.py', 'train_cost.py'):
+    args.append(f'--out={tmp_path / "out.json"}')
+  if script == 'evaluate.py':
+    args.append(f'--networks={tiny_networks}')
+  result = run(script, *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  if script != 'train.py':
+    assert os.path.exists(tmp_path / 'out.json')
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--batch=0'], r'TrainConfig\.batch = 0'),
+    (['--b_max=-1'], r'MECConfig\.b_max = -1'),
+    (['--num_experts=0'], r'ModelConfig\.num_experts = 0'),
+    (['--schedule=sideways'], r'TrainConfig\.schedule'),
+    (['--no_such_flag=1'], r'no_such_flag'),
+])
+def test_bad_train_flags_fail_before_work(args, message, tmp_path):
+  run_dir = tmp_path / 'run'
+  result = run('train.py', f'--run_dir={run_dir}', *args, timeout=120)
+  assert result.returncode != 0
+  assert re.search(message, result.stderr + result.stdout), result.stderr[-2000:]
+  assert not run_dir.exists()
+
+
+def test_evaluate_refuses_bad_networks_and_methods(tmp_path, tiny_networks):
+  corrupt = tmp_path / 'networks.msgpack'
+  corrupt.write_bytes(b'not msgpack at all')
+  cases = [([f'--networks={tmp_path / "missing"}'], 'not found'),
+           ([f'--networks={corrupt}'], 'corrupt'),
+           ([f'--networks={tiny_networks}', '--methods=policy_moe,nonsense'], 'nonsense'),
+           ([f'--networks={tiny_networks}', '--case=1'], 'trained for case 2'),
+           ([f'--networks={tiny_networks}', '--n_users=50'], 'accept at most 6')]
+  for args, message in cases:
+    result = run('evaluate.py', '--slots=64', *args, timeout=120)
+    assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])
