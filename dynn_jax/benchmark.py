@@ -42,7 +42,7 @@ from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Sche
                              per_slot_forward)
 from dynn_jax.solvers import equal_split, optimal_allocation
 from dynn_jax.solvers.ga import GAConfig, ga_solve
-from dynn_jax.timing import Timing, benchmark, time_calls
+from dynn_jax.timing import Timing, benchmark, compile_ahead, time_calls
 
 Array = jax.Array
 
@@ -155,34 +155,20 @@ def fit_line(ops_count, seconds) -> dict:
 # ------------------------------------------------------- exit-bucketed batched path
 
 
-def power_of_two_chunks(count: int, min_chunk: int = 8) -> list[int]:
-  """Call sizes covering `count` slots, largest first: `count` rounded up to a multiple
-  of `min_chunk` (a power of two), split into its binary digits.
-
-  Every size is a power of two, so the compiles per exit stay below log2(batch); the
-  padding is under `min_chunk` slots, where padding the whole group to the next power
-  of two can nearly double its work (e.g. 137 slots -> 256).
-  """
-  if min_chunk < 1 or min_chunk & (min_chunk - 1):
-    raise ValueError(f'min_chunk = {min_chunk!r}; must be a power of two')
-  if count < 1:
-    return []
-  padded = -(-count // min_chunk) * min_chunk
-  return [1 << b for b in reversed(range(padded.bit_length())) if padded >> b & 1]
-
-
-def group_by_exit(config: ModelConfig, k, l, min_chunk: int = 8
+def group_by_exit(config: ModelConfig, k, l, chunk: int = 16
                   ) -> list[tuple[int, int, np.ndarray]]:
-  """(k, l, slot indices int32) of every call of the exit-bucketed path.
+  """(k, l, slot indices int32 [chunk]) of every call of the exit-bucketed path.
 
-  Slots are grouped by their exit on the host; each group is cut into
-  `power_of_two_chunks`. Only a group's last chunk is padded, with copies of the
-  group's first slot: real inputs, so nothing becomes NaN, and the duplicate writes
-  carry identical values.
+  Slots are grouped by their exit on the host and each group is cut into calls of
+  `chunk` slots, so there is exactly one compiled variant per exit whatever the mix.
+  Only a group's last call is padded, with copies of the group's first slot: real
+  inputs, so nothing becomes NaN, and the duplicate writes carry identical values.
   """
+  if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    raise ValueError(f'chunk = {chunk!r}; must be a positive integer')
   k, l = np.asarray(k), np.asarray(l)
-  if k.ndim != 1 or k.shape != l.shape or not np.issubdtype(k.dtype, np.integer) \
-      or not np.issubdtype(l.dtype, np.integer):
+  if (k.ndim != 1 or k.shape != l.shape or not np.issubdtype(k.dtype, np.integer)
+      or not np.issubdtype(l.dtype, np.integer)):
     raise ValueError(f'k and l must be integer arrays [B] of the same shape; got '
                      f'{k.dtype}{list(k.shape)} and {l.dtype}{list(l.shape)}')
   K, L = config.num_experts, config.max_depth
@@ -195,11 +181,9 @@ def group_by_exit(config: ModelConfig, k, l, min_chunk: int = 8
   calls = []
   for o in np.flatnonzero(counts):
     members = order[bounds[o]:bounds[o + 1]]
-    start = 0
-    for size in power_of_two_chunks(len(members), min_chunk):
-      part = members[start:start + size]
-      start += size
-      part = np.concatenate([part, np.full(size - len(part), members[0])])
+    for start in range(0, len(members), chunk):
+      part = members[start:start + chunk]
+      part = np.concatenate([part, np.full(chunk - len(part), members[0])])
       calls.append((int(o // L + 1), int(o % L + 1), part.astype(np.int32)))
   return calls
 
@@ -209,7 +193,7 @@ def _bucket_call(config: ModelConfig, k: int, l: int):
   """Jitted: gather a chunk of slots, run exit (k, l) on it only, scatter into `out`.
 
   `out` is donated, so the scatter writes in place instead of copying the whole batch
-  once per call. One compile per chunk size.
+  once per call.
   """
   def run(variables, features, offload_mask, index, out):
     got = per_slot_forward(config, k, l, variables, features[index], offload_mask[index])
@@ -219,19 +203,24 @@ def _bucket_call(config: ModelConfig, k: int, l: int):
 
 
 def bucketed_apply(config: ModelConfig, variables: dict, features: Array,
-                   offload_mask: Array, k, l, *, min_chunk: int = 8) -> Allocation:
+                   offload_mask: Array, k, l, *, chunk: int = 16) -> Allocation:
   """Exit-bucketed batched inference: every slot runs only its own sub-network.
 
   features [B, W, 5], offload_mask bool [B, W], k and l int [B] (host or device). Slots
-  are grouped by (k, l) on the host (`group_by_exit`) and each chunk runs the per-slot
-  variant of its exit vmapped over the chunk, so the work follows each slot's exit,
-  unlike the batched path (`moe_forward`), which computes every expert and layer and
-  masks them. Gives the same `Allocation` as the batched path (to float rounding).
+  are grouped by (k, l) on the host (`group_by_exit`) and each call runs the per-slot
+  variant of one exit vmapped over `chunk` slots, so the work follows each slot's
+  exit, unlike the batched path (`moe_forward`), which computes every expert and layer
+  and masks them. Gives the same `Allocation` as the batched path (to float rounding).
+
+  Small chunks are faster on CPU: each slot gathers its own k experts' weights
+  ([chunk, k, 64, 64] per layer), which must stay in cache; on a 2-core CPU at the
+  paper's size, 16 slots per call ran ~1.6x faster than 64 and ~4x faster than padding
+  every group to a power of two. One compile per exit (and chunk size).
   """
   if np.ndim(features) != 3:
     raise ValueError(f'features have shape {np.shape(features)}; expected [B, W, 5]')
   features, offload_mask = jnp.asarray(features), jnp.asarray(offload_mask)
-  calls = group_by_exit(config, k, l, min_chunk)
+  calls = group_by_exit(config, k, l, chunk)
   batch, width = offload_mask.shape
   # Five distinct buffers: one donated buffer cannot back two outputs.
   out = Allocation(*(jnp.zeros((batch, width), features.dtype) for _ in range(4)),
@@ -280,9 +269,54 @@ def _timed(timing: Timing, **extra) -> dict:
   return {**timing.to_dict(), **extra}
 
 
+def time_interleaved(entries: dict, *, min_seconds: float, round_seconds: float = 0.02,
+                     warmup: int = 3, max_calls: int = 100_000, seed: int = 0
+                     ) -> dict[str, Timing]:
+  """Times compiled functions in shuffled round-robin rounds, not one after another.
+
+  `entries`: {name: (compiled, args, min_calls, compile_s)}. Each round gives every
+  function about `round_seconds` of back-to-back calls, each call timed on its own
+  with `block_until_ready`; a function leaves the rounds once it has `min_calls` calls
+  and `min_seconds` of call time. On a shared machine the load drifts over a run:
+  timed one after another, two exits can differ by 2x from the load alone, while
+  interleaved they see the same mix, so their ratios (and the ratio to the dispatch
+  floor, timed in the same rounds) mean something.
+  """
+  rng = np.random.default_rng(seed)
+  estimate, times = {}, {name: [] for name in entries}
+  for name, (fn, args, _, _) in entries.items():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    estimate[name] = time.perf_counter() - start
+  pending = list(entries)
+  while pending:
+    for i in rng.permutation(len(pending)):
+      name = pending[i]
+      fn, args = entries[name][:2]
+      calls = max(1, int(round_seconds / max(estimate[name], 1e-7)))
+      got = times[name]
+      for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        got.append(time.perf_counter() - start)
+      estimate[name] = float(np.median(got[-calls:]))
+    pending = [name for name in pending
+               if len(times[name]) < max_calls
+               and (len(times[name]) < entries[name][2] or sum(times[name]) < min_seconds)]
+  out = {}
+  for name, got in times.items():
+    got = np.asarray(got)
+    out[name] = Timing(median_s=float(np.median(got)), p10_s=float(np.percentile(got, 10)),
+                       p90_s=float(np.percentile(got, 90)), calls=int(got.size),
+                       compile_s=entries[name][3])
+  return out
+
+
 def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = None,
                 seed: int = 0, min_seconds: float = 1.0, min_calls: int = 1000,
-                heavy_calls: int = 10, batch: int = 4096, min_chunk: int = 8,
+                heavy_calls: int = 10, batch: int = 4096, chunk: int = 16,
                 ga_config: GAConfig = GAConfig(), params=None,
                 log: Callable[[str], None] | None = None) -> dict:
   """Per-slot latency of every exit and of the other networks and solvers, batched
@@ -290,8 +324,10 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
 
   n_users: real (all offloaded) users in the timed slots, default `mec.n_users`; the
   compiled shapes use the padded width `mec.width`, which the per-slot cost follows.
-  Per-slot timings run until both `min_calls` calls and `min_seconds`; the GA and the
-  batched paths until `min(min_calls, heavy_calls)` calls and `min_seconds`.
+  Every per-slot figure (exits, dispatch floor, other networks, solvers) comes from
+  one interleaved timing (`time_interleaved`): at least `min_calls` calls and
+  `min_seconds` each, the GA at least `min(min_calls, heavy_calls)` calls. The batched
+  paths run after, until `min(min_calls, heavy_calls)` calls and `min_seconds`.
   `params`: trained networks (`dynn_jax.evaluation.Params`), random ones where None.
   """
   n_users = mec.n_users if n_users is None else n_users
@@ -307,57 +343,59 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
   slots = sample_slots(jax.random.fold_in(key, 1), mec, n_users=n_users)
   feats, mask = normalized_features(slots, mec), slots.mask
   alloc = variables['allocator']
-  per_slot = dict(min_calls=min_calls, min_seconds=min_seconds)
-  heavy = dict(min_calls=min(min_calls, heavy_calls), min_seconds=min_seconds)
+  heavy_min = min(min_calls, heavy_calls)
   results = {'n_users': n_users, 'width': mec.width, 'batch': batch, 'seed': seed,
              'min_calls': min_calls, 'min_seconds': min_seconds, 'networks': sources,
              'load_start': host_load(), 'runtime': runtime_info()}
 
-  say('dispatch floor')
-  results['dispatch_floor'] = _timed(benchmark(_dispatch_floor, alloc, feats, mask,
-                                               **per_slot))
-  results['dispatch_floor_features'] = _timed(benchmark(_dispatch_floor_features, feats,
-                                                        mask, **per_slot))
-  exits = []
+  static, sched, policy = StaticAllocator(model), Scheduler(model), Policy(model)
+  jobs = {  # name: (function, args, min calls)
+      'dispatch_floor': (_dispatch_floor, (alloc, feats, mask), min_calls),
+      'dispatch_floor_features': (_dispatch_floor_features, (feats, mask), min_calls),
+      'static': (lambda v, f, m: static.apply(v, f, m), (variables['static'], feats, mask),
+                 min_calls),
+      'scheduler': (lambda v, f, m: sched.apply(v, f, m),
+                    (variables['scheduler'], feats, mask), min_calls),
+      'policy': (lambda v, f, m: policy.apply(v, f, m), (variables['policy'], feats, mask),
+                 min_calls),
+      'optimal_allocation': (lambda s, x: optimal_allocation(s, x, mec), (slots, mask),
+                             min_calls),
+      'equal_split': (lambda s, x: equal_split(s, x, mec), (slots, mask), min_calls),
+      'ga': (lambda kk, s: ga_solve(kk, s, mec, ga_config)[0], (key, slots), heavy_min),
+  }
   for k in range(1, K + 1):
     for l in range(1, L + 1):
-      say(f'exit k={k} l={l}')
+      jobs[(k, l)] = (per_slot_apply(model, k, l), (alloc, feats, mask), min_calls)
+  entries = {}
+  say(f'compiling {len(jobs)} per-slot functions ahead of time')
+  for name, (fn, args, calls) in jobs.items():
+    compiled, compile_s = compile_ahead(fn, *args)
+    entries[name] = (compiled, args, calls, compile_s)
+  say(f'timing {len(entries)} per-slot functions, interleaved')
+  timed = time_interleaved(entries, min_seconds=min_seconds, seed=seed)
+
+  results['exits'] = []
+  for k in range(1, K + 1):
+    for l in range(1, L + 1):
       count = float(ops.allocation_ops(model, k, l, n_users))
-      t = benchmark(per_slot_apply(model, k, l), alloc, feats, mask, **per_slot)
-      exits.append(_timed(t, k=k, l=l, ops=count,
-                          modelled_delay_s=float(ops.ops_to_delay(count, mec))))
-  results['exits'] = exits
-  # Measured again after the exits: the drift shows how much the load moved.
-  results['dispatch_floor_end'] = _timed(benchmark(_dispatch_floor, alloc, feats, mask,
-                                                   **per_slot))
+      results['exits'].append(_timed(timed[(k, l)], k=k, l=l, ops=count,
+                                     modelled_delay_s=float(ops.ops_to_delay(count, mec))))
+  extra = {'static': {'ops': float(ops.static_ops(model, n_users))},
+           'scheduler': {'ops': float(ops.scheduler_ops(model, n_users))},
+           'policy': {'ops': float(ops.policy_ops(model))},
+           'ga': {'population': ga_config.population(mec),
+                  'generations': ga_config.generations}}
+  for name in jobs:
+    if isinstance(name, str):
+      results[name] = _timed(timed[name], **extra.get(name, {}))
 
-  say('static, scheduler, policy')
-  static, sched, policy = StaticAllocator(model), Scheduler(model), Policy(model)
-  results['static'] = _timed(
-      benchmark(lambda v, f, m: static.apply(v, f, m), variables['static'], feats, mask,
-                **per_slot), ops=float(ops.static_ops(model, n_users)))
-  results['scheduler'] = _timed(
-      benchmark(lambda v, f, m: sched.apply(v, f, m), variables['scheduler'], feats, mask,
-                **per_slot), ops=float(ops.scheduler_ops(model, n_users)))
-  results['policy'] = _timed(
-      benchmark(lambda v, f, m: policy.apply(v, f, m), variables['policy'], feats, mask,
-                **per_slot), ops=float(ops.policy_ops(model)))
-
-  say('solvers')
-  results['optimal_allocation'] = _timed(benchmark(
-      lambda s, x: optimal_allocation(s, x, mec), slots, mask, **per_slot))
-  results['equal_split'] = _timed(benchmark(
-      lambda s, x: equal_split(s, x, mec), slots, mask, **per_slot))
-  results['ga'] = _timed(
-      benchmark(lambda kk, s: ga_solve(kk, s, mec, ga_config)[0], key, slots, **heavy),
-      population=ga_config.population(mec), generations=ga_config.generations)
-
-  say(f'batched paths, {batch} slots')
+  say(f'timing the batched paths, {batch} slots per call')
   results['batched_masked'], results['batched_bucketed'] = _batched(
-      mec, model, alloc, jax.random.fold_in(key, 2), batch, n_users, min_chunk, heavy)
+      mec, model, alloc, jax.random.fold_in(key, 2), batch, n_users, chunk,
+      dict(min_calls=heavy_min, min_seconds=min_seconds))
 
-  ops_count = [e['ops'] for e in exits]
-  results['fit'] = {**fit_line(ops_count, [e['median_s'] for e in exits]),
+  exits = results['exits']
+  results['fit'] = {**fit_line([e['ops'] for e in exits], [e['median_s'] for e in exits]),
                     'modelled_seconds_per_op': mec.cycles_per_op / mec.f_ser}
   results['load_end'] = host_load()
   results['targets'] = targets(results, K, L)
@@ -366,7 +404,7 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
 
 
 def _batched(mec: MECConfig, model: ModelConfig, alloc: dict, key: Array, batch: int,
-             n_users: int, min_chunk: int, heavy: dict) -> tuple[dict, dict]:
+             n_users: int, chunk: int, timing: dict) -> tuple[dict, dict]:
   """Throughput of the masked batched path and of the exit-bucketed one on a uniform
   random mix of exits, and how far apart their shares are."""
   ks, ko = jax.random.split(key)
@@ -378,24 +416,24 @@ def _batched(mec: MECConfig, model: ModelConfig, alloc: dict, key: Array, batch:
   def masked(v, f, m, k, l):
     return moe_forward(model, v, f, m, k, l)
 
-  t = benchmark(masked, alloc, feats, mask, k, l, **heavy)
-  masked_out = jax.jit(masked)(alloc, feats, mask, k, l)
+  compiled, compile_s = compile_ahead(masked, alloc, feats, mask, k, l)
+  masked_out = compiled(alloc, feats, mask, k, l)
+  t = time_calls(compiled, alloc, feats, mask, k, l, compile_s=compile_s, **timing)
   masked_result = _timed(t.per_item(batch), batch=batch, slots_per_s=t.rate(batch))
 
   # The host-side grouping is part of every timed call; the first call compiles one
-  # variant per (exit, chunk size) and stands for the compile time.
-  bucketed = functools.partial(bucketed_apply, model, min_chunk=min_chunk)
+  # variant per exit and stands for the compile time.
+  bucketed = functools.partial(bucketed_apply, model, chunk=chunk)
   start = time.perf_counter()
   out = jax.block_until_ready(bucketed(alloc, feats, mask, k, l))
   first_s = time.perf_counter() - start
-  t = time_calls(bucketed, alloc, feats, mask, k, l, compile_s=first_s, **heavy)
-  calls = group_by_exit(model, np.asarray(k), np.asarray(l), min_chunk)
+  t = time_calls(bucketed, alloc, feats, mask, k, l, compile_s=first_s, **timing)
+  calls = group_by_exit(model, np.asarray(k), np.asarray(l), chunk)
   diff = max(float(jnp.max(jnp.abs(getattr(out, name) - getattr(masked_out, name))))
              for name in ('b_share', 'f_share'))
   bucketed_result = _timed(t.per_item(batch), batch=batch, slots_per_s=t.rate(batch),
-                           calls_per_batch=len(calls),
-                           padded_slots=int(sum(len(c[2]) for c in calls)) - batch,
-                           min_chunk=min_chunk, max_abs_share_diff=diff)
+                           calls_per_batch=len(calls), padded_slots=len(calls) * chunk - batch,
+                           chunk=chunk, max_abs_share_diff=diff)
   return masked_result, bucketed_result
 
 
@@ -465,7 +503,7 @@ def format_exits(results: dict) -> str:
                  f'{e["median_s"] / floor:8.2f} {e["calls"]:7d} {e["compile_s"]:9.2f}')
   lines.append('')
   others = {name: results[name] for name in (
-      'dispatch_floor', 'dispatch_floor_features', 'dispatch_floor_end', 'static',
+      'dispatch_floor', 'dispatch_floor_features', 'static',
       'scheduler', 'policy', 'optimal_allocation', 'equal_split', 'ga', 'batched_masked',
       'batched_bucketed')}
   lines.append(format_table(others))

@@ -55,3 +55,23 @@ def check_range(name: str, value, low=None, high=None) -> None:
     lo = '-inf' if low is None else low
     hi = 'inf' if high is None else high
     raise app.UsageError(f'--{name} = {value!r}; allowed range [{lo}, {hi}]')
+
+
+def define_training_flags() -> None:
+  """Flags for every field of MECConfig, ModelConfig (max_users follows the system's
+  width) and TrainConfig."""
+  from dynn_jax.config import MECConfig
+  from dynn_jax.models import ModelConfig
+  from dynn_jax.training import TrainConfig
+  define_flags(MECConfig)
+  define_flags(ModelConfig, skip=('max_users',))
+  define_flags(TrainConfig)
+
+
+def training_configs():
+  """(MECConfig, ModelConfig, TrainConfig) from the flags of `define_training_flags`."""
+  from dynn_jax.config import MECConfig
+  from dynn_jax.models import ModelConfig
+  from dynn_jax.training import TrainConfig
+  mec = from_flags(MECConfig)
+  return mec, from_flags(ModelConfig, max_users=mec.width), from_flags(TrainConfig)

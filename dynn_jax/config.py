@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 NOISE_PSD_DBM_PER_HZ = -174.0
 
@@ -21,38 +22,89 @@ class ConfigError(ValueError):
   """A configuration value outside its allowed range."""
 
 
-# field -> (low, high, low_inclusive, high_inclusive); None means unbounded.
+class Range(NamedTuple):
+  """Allowed values of a numeric config field; None means unbounded."""
+  low: float | None = None
+  high: float | None = None
+  low_inclusive: bool = True
+  high_inclusive: bool = True
+  integer: bool = False
+
+  def admits(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    if self.integer and not isinstance(value, int):
+      return False
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and not (value >= self.low if self.low_inclusive
+                                     else value > self.low):
+      return False
+    return self.high is None or (value <= self.high if self.high_inclusive
+                                 else value < self.high)
+
+  def __str__(self) -> str:
+    lo = '-inf' if self.low is None else repr(self.low)
+    hi = 'inf' if self.high is None else repr(self.high)
+    opening = '[' if self.low_inclusive and self.low is not None else '('
+    closing = ']' if self.high_inclusive and self.high is not None else ')'
+    interval = f'{opening}{lo}, {hi}{closing}'
+    return f'an integer in {interval}' if self.integer else interval
+
+
+POSITIVE = Range(0.0, None, False)
+NON_NEGATIVE = Range(0.0)
+POSITIVE_INT = Range(1, integer=True)
+NON_NEGATIVE_INT = Range(0, integer=True)
+
+
+def check_ranges(config, ranges: dict[str, Range]) -> None:
+  """Raises ConfigError naming the first field outside its range."""
+  for name, allowed in ranges.items():
+    value = getattr(config, name)
+    if not allowed.admits(value):
+      raise ConfigError(f'{type(config).__name__}.{name} = {value!r}; allowed range '
+                        f'{allowed}')
+
+
+def check_choice(config, name: str, choices) -> None:
+  value = getattr(config, name)
+  # Same type too: 1 == True and 1.0 == 1, but neither is an allowed spelling.
+  if not any(type(value) is type(c) and value == c for c in choices):
+    raise ConfigError(f'{type(config).__name__}.{name} = {value!r}; allowed values: '
+                      f'{", ".join(map(repr, choices))}')
+
+
+class ConfigBase:
+  """replace / to_dict / from_dict for the frozen config dataclasses."""
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f'unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}')
+    return cls(**values)
+
+
 _RANGES = {
-    'n_users': (1, None, True, True),
-    'b_max': (0.0, None, False, True),
-    'f_ser': (0.0, None, False, True),
-    'p_tx': (0.0, None, False, True),
-    'noise_psd': (0.0, None, False, True),
-    'g0': (0.0, None, False, True),
-    'path_loss_exp': (0.0, None, False, True),
-    'l0': (0.0, None, False, True),
-    'dist_min': (0.0, None, False, True),
-    's_avg': (0.0, None, False, True),
-    'c_avg': (0.0, None, False, True),
-    'd_min': (0.0, None, False, True),
-    'f_loc_min': (0.0, None, False, True),
-    'alpha': (0.0, None, True, True),
-    'beta': (0.0, None, True, True),
-    'delta': (0.0, None, True, True),
-    'gamma': (0.0, None, False, True),
-    'mu': (0.0, None, True, True),
-    'cycles_per_op': (0.0, None, False, True),
+    'n_users': POSITIVE_INT,
+    'b_max': POSITIVE, 'f_ser': POSITIVE, 'p_tx': POSITIVE, 'noise_psd': POSITIVE,
+    'g0': POSITIVE, 'path_loss_exp': POSITIVE, 'l0': POSITIVE, 'dist_min': POSITIVE,
+    's_avg': POSITIVE, 'c_avg': POSITIVE, 'd_min': POSITIVE, 'f_loc_min': POSITIVE,
+    'alpha': NON_NEGATIVE, 'beta': NON_NEGATIVE, 'delta': NON_NEGATIVE, 'gamma': POSITIVE,
+    'mu': NON_NEGATIVE, 'cycles_per_op': POSITIVE,
 }
 
 
-def _describe(low, high, low_inc, high_inc) -> str:
-  lo = '-inf' if low is None else repr(low)
-  hi = 'inf' if high is None else repr(high)
-  return f'{"[" if low_inc else "("}{lo}, {hi}{"]" if high_inc else ")"}'
-
-
 @dataclasses.dataclass(frozen=True)
-class MECConfig:
+class MECConfig(ConfigBase):
   """One edge server and its users; defaults are the paper's (SPEC section 1).
 
   Units: bits, cycles, seconds, hertz, metres, watts, joules. Case 1: users have no
@@ -84,20 +136,8 @@ class MECConfig:
   cycles_per_op: float = 1.0   # lambda: server cycles per counted network op
 
   def __post_init__(self):
-    if self.case not in (1, 2):
-      raise ConfigError(f'MECConfig.case = {self.case!r}; allowed values: 1 or 2')
-    for name, (low, high, low_inc, high_inc) in _RANGES.items():
-      value = getattr(self, name)
-      if name == 'n_users' and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f'MECConfig.n_users = {value!r}; must be an integer in [1, inf)')
-      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-      if ok and low is not None:
-        ok = value >= low if low_inc else value > low
-      if ok and high is not None:
-        ok = value <= high if high_inc else value < high
-      if not ok:
-        raise ConfigError(f'MECConfig.{name} = {value!r}; allowed range '
-                          f'{_describe(low, high, low_inc, high_inc)}')
+    check_choice(self, 'case', (1, 2))
+    check_ranges(self, _RANGES)
     if self.n_max is not None and (not isinstance(self.n_max, int) or self.n_max < self.n_users):
       raise ConfigError(f'MECConfig.n_max = {self.n_max!r}; must be an integer in '
                         f'[n_users={self.n_users}, inf) or None')
@@ -119,17 +159,3 @@ class MECConfig:
   @property
   def c_max(self) -> float:
     return 2.0 * self.c_avg
-
-  def replace(self, **changes) -> 'MECConfig':
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict) -> 'MECConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f'unknown MECConfig field(s) {unknown}; known: {sorted(known)}')
-    return cls(**values)

@@ -32,7 +32,7 @@ from dynn_jax import ops
 from dynn_jax.config import MECConfig
 from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
-                             allocate, kl_to_option, option_to_kl)
+                             allocate, option_to_kl)
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
                               optimal_allocation, random_offload)
 

@@ -71,7 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dynn_jax.config import ConfigError, MECConfig
+from dynn_jax.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigBase, MECConfig,
+                             Range, check_choice, check_ranges)
 from dynn_jax.env import NUM_FEATURES, Decision
 
 Array = jax.Array
@@ -79,8 +80,16 @@ Array = jax.Array
 POOLED_DIM = 2 * NUM_FEATURES + 1
 
 
+_MODEL_RANGES = {
+    'num_experts': POSITIVE_INT, 'max_depth': POSITIVE_INT, 'width': POSITIVE_INT,
+    'static_width': POSITIVE_INT, 'scheduler_hidden': POSITIVE_INT,
+    'policy_hidden': POSITIVE_INT, 'max_users': POSITIVE_INT,
+    'leaky_slope': Range(0.0, 1.0, True, False), 'op_zeta': POSITIVE, 'op_iota': NON_NEGATIVE,
+}
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigBase):
   """Sizes of every network; defaults are the paper's (K = 10, L = 3, width 64)."""
   num_experts: int = 10        # K
   max_depth: int = 3           # L: layers of the deepest expert
@@ -95,20 +104,8 @@ class ModelConfig:
   op_iota: float = 0.0
 
   def __post_init__(self):
-    for name in ('num_experts', 'max_depth', 'width', 'static_width', 'scheduler_hidden',
-                 'policy_hidden', 'max_users'):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ConfigError(f'ModelConfig.{name} = {value!r}; must be an integer in [1, inf)')
-    if not _is_real(self.leaky_slope) or not 0.0 <= self.leaky_slope < 1.0:
-      raise ConfigError(f'ModelConfig.leaky_slope = {self.leaky_slope!r}; '
-                        'allowed range [0.0, 1.0)')
-    if not isinstance(self.gate_noise, bool):
-      raise ConfigError(f'ModelConfig.gate_noise = {self.gate_noise!r}; must be True or False')
-    if not _is_real(self.op_zeta) or self.op_zeta <= 0:
-      raise ConfigError(f'ModelConfig.op_zeta = {self.op_zeta!r}; allowed range (0, inf)')
-    if not _is_real(self.op_iota) or self.op_iota < 0:
-      raise ConfigError(f'ModelConfig.op_iota = {self.op_iota!r}; allowed range [0, inf)')
+    check_ranges(self, _MODEL_RANGES)
+    check_choice(self, 'gate_noise', (True, False))
 
   @classmethod
   def for_env(cls, mec_config: MECConfig, **overrides) -> 'ModelConfig':
@@ -128,28 +125,9 @@ class ModelConfig:
   def static_dims(self) -> tuple[tuple[int, int], ...]:
     return _mlp_dims(self.static_width, self.max_depth)
 
-  def replace(self, **changes) -> 'ModelConfig':
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, values: dict) -> 'ModelConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f'unknown ModelConfig field(s) {unknown}; known: {sorted(known)}')
-    return cls(**values)
-
 
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
 
 
 def _mlp_dims(width: int, depth: int) -> tuple[tuple[int, int], ...]:

@@ -66,3 +66,44 @@ def training_summary(mec: MECConfig, model: ModelConfig, train: TrainConfig,
               'inference delay:')
   text.append(methods_table(results))
   return {'quality': quality, 'evaluation': results, 'text': '\n'.join(text)}
+
+
+# ------------------------------------------------------------- reproduction report
+
+def _fmt_ci(metric: dict, scale: float) -> str:
+  return f'{scale * metric["mean"]:.2f} ± {scale * metric["ci95"]:.2f}'
+
+
+def sweep_table(points: list[dict], metric: str, scale: float, value_scale: float) -> str:
+  methods = [m for m in points[0]['results'] if not m.startswith('_')]
+  lines = ['| value | ' + ' | '.join(methods) + ' |',
+           '|---' * (len(methods) + 1) + '|']
+  for p in points:
+    cells = [_fmt_ci(p['results'][m][metric], scale) for m in methods]
+    lines.append(f'| {p["value"] * value_scale:g} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def paper_comparison(points: list[dict], paper: dict, metric: str, scale: float) -> str:
+  """First and last point of the sweep, ours next to the paper's, per method."""
+  lines = ['| method | ours (first → last) | paper (first → last) |', '|---|---|---|']
+  for method, (first, last) in paper.items():
+    if method not in points[0]['results']:
+      lines.append(f'| {method} | not run | {first:g} → {last:g} |')
+      continue
+    a = scale * points[0]['results'][method][metric]['mean']
+    b = scale * points[-1]['results'][method][metric]['mean']
+    lines.append(f'| {method} | {a:.2f} → {b:.2f} | {first:g} → {last:g} |')
+  return '\n'.join(lines)
+
+
+def ordering_checks(points: list[dict], pairs: list[tuple[str, str]], metric: str) -> str:
+  """For each (better, worse) pair: at how many points `better` has the lower mean."""
+  lines = []
+  for better, worse in pairs:
+    if better not in points[0]['results'] or worse not in points[0]['results']:
+      continue
+    wins = sum(p['results'][better][metric]['mean'] <= p['results'][worse][metric]['mean']
+               for p in points)
+    lines.append(f'- {better} ≤ {worse} on {metric}: {wins} of {len(points)} points')
+  return '\n'.join(lines)

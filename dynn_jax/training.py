@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 import zlib
@@ -47,14 +46,14 @@ import optax
 from flax import serialization
 
 from dynn_jax import ops
-from dynn_jax.config import ConfigError, MECConfig
+from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, MECConfig,
+                             Range, check_choice, check_ranges)
 from dynn_jax.evaluation import Params
 from dynn_jax.io import write_bytes_atomic
 from dynn_jax.env import (Slots, compute_delay, importance_weight, local_delay,
                           normalized_features, sample_slots, transmission_delay)
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
-                             StaticAllocator, all_subnetworks, choose_kl, moe_forward,
-                             option_to_kl)
+                             StaticAllocator, all_subnetworks, choose_kl, moe_forward)
 from dynn_jax.runs import Progress, RunDir
 from dynn_jax.solvers import optimal_allocation
 
@@ -64,8 +63,19 @@ SCHEDULES = ('progressive', 'scratch')
 DYNAMIC = ('full', 'width', 'depth')
 
 
+_TRAIN_RANGES = {
+    **{name: POSITIVE_INT for name in ('batch', 'steps_per_call', 'checkpoint_every',
+                                       'eval_slots')},
+    **{name: NON_NEGATIVE_INT for name in ('seed', 'full_steps', 'width_steps', 'depth_steps',
+                                           'scratch_steps', 'static_steps', 'policy_steps',
+                                           'joint_steps')},
+    'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
+    'offload_fraction_min': Range(0.0, 1.0, False, True),
+}
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigBase):
   """Everything about training that is not the system or the network sizes."""
   seed: int = 0
   batch: int = 64                   # slots per step
@@ -87,35 +97,15 @@ class TrainConfig:
   eval_slots: int = 2048            # held-out slots for the final report
 
   def __post_init__(self):
-    positive = ('batch', 'steps_per_call', 'checkpoint_every', 'eval_slots')
-    non_negative = ('full_steps', 'width_steps', 'depth_steps', 'scratch_steps',
-                    'static_steps', 'policy_steps', 'joint_steps', 'seed')
-    for name in positive + non_negative:
-      value = getattr(self, name)
-      low = 1 if name in positive else 0
-      if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f'TrainConfig.{name} = {value!r}; must be an integer in [{low}, inf)')
-    for name in ('alloc_lr', 'policy_lr', 'scheduler_lr'):
-      value = getattr(self, name)
-      if not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ConfigError(f'TrainConfig.{name} = {value!r}; allowed range (0, inf)')
-    if self.schedule not in SCHEDULES:
-      raise ConfigError(f'TrainConfig.schedule = {self.schedule!r}; allowed: {SCHEDULES}')
-    if self.dynamic not in DYNAMIC:
-      raise ConfigError(f'TrainConfig.dynamic = {self.dynamic!r}; allowed: {DYNAMIC}')
-    if not 0.0 < self.offload_fraction_min <= 1.0:
-      raise ConfigError(f'TrainConfig.offload_fraction_min = {self.offload_fraction_min!r};'
-                        ' allowed range (0, 1]')
+    check_ranges(self, _TRAIN_RANGES)
+    check_choice(self, 'schedule', SCHEDULES)
+    check_choice(self, 'dynamic', DYNAMIC)
 
   @property
   def alloc_steps(self) -> int:
     if self.schedule == 'scratch':
       return self.scratch_steps
     return self.full_steps + self.width_steps + self.depth_steps
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
 
 def phase_key(seed: int, name: str) -> Array:
   """A key per (seed, phase name); crc32, not hash(): str hashes change per process."""

@@ -36,7 +36,7 @@ flags.DEFINE_integer('alloc_batch', 10_000, 'Slots per call for the batched exac
 flags.DEFINE_integer('ga_batch', 4, 'Slots per call for the batched GA.')
 flags.DEFINE_integer('exit_batch', 4096, 'Slots per call for the masked and exit-bucketed '
                      'batched throughput.')
-flags.DEFINE_integer('min_chunk', 8, 'Smallest call (a power of two) of the exit-bucketed path.')
+flags.DEFINE_integer('chunk', 16, 'Slots per call of the exit-bucketed batched path.')
 flags.DEFINE_float('min_seconds', 1.0, 'Time each benchmark for at least this long.')
 flags.DEFINE_integer('min_calls', 1000, 'Time each per-slot benchmark for at least this many '
                      'calls.')
@@ -95,10 +95,8 @@ def main(argv):
   # Before anything starts the backend: the CPU client reads it once, at creation.
   jax.config.update('jax_cpu_enable_async_dispatch', FLAGS.cpu_async_dispatch)
   for name in ('batch', 'alloc_batch', 'ga_batch', 'exit_batch', 'min_calls', 'heavy_calls',
-               'min_chunk'):
+               'chunk'):
     cli.check_range(name, FLAGS[name].value, 1)
-  if FLAGS.min_chunk & (FLAGS.min_chunk - 1):
-    raise app.UsageError(f'--min_chunk = {FLAGS.min_chunk}; must be a power of two')
   cli.check_range('min_seconds', FLAGS.min_seconds, 0.0)
   mec, model, params = configs()
   ga_config = cli.from_flags(GAConfig, prefix='ga_')
@@ -114,8 +112,8 @@ def main(argv):
   if FLAGS.suite in ('exits', 'all'):
     exits = benchmark.exits_suite(
         mec, model, seed=FLAGS.seed, min_seconds=FLAGS.min_seconds, min_calls=FLAGS.min_calls,
-        heavy_calls=FLAGS.heavy_calls, batch=FLAGS.exit_batch, min_chunk=FLAGS.min_chunk,
-        ga_config=ga_config, params=params, log=lambda m: print(f'timing {m}', flush=True))
+        heavy_calls=FLAGS.heavy_calls, batch=FLAGS.exit_batch, chunk=FLAGS.chunk,
+        ga_config=ga_config, params=params, log=lambda m: print(m, flush=True))
     results['exits'] = exits
     print(benchmark.format_exits(exits))
     results['latency_table_path'] = benchmark.write_table(out_dir, exits['latency_table'])

@@ -14,17 +14,13 @@ import os
 from absl import app, flags
 
 from dynn_jax import cli, training
-from dynn_jax.config import MECConfig
-from dynn_jax.models import ModelConfig
 from dynn_jax.reports import training_summary
 from dynn_jax.runs import RunDir
 
 flags.DEFINE_string('run_dir', None, 'Run directory (config, metrics, checkpoints, summary).')
 flags.DEFINE_bool('resume', False, 'Continue the run in --run_dir from its checkpoints.')
 flags.DEFINE_integer('eval_chunk', 8192, 'Slots per compiled evaluation chunk.')
-cli.define_flags(MECConfig)
-cli.define_flags(ModelConfig, skip=('max_users',))
-cli.define_flags(training.TrainConfig)
+cli.define_training_flags()
 FLAGS = flags.FLAGS
 
 
@@ -33,9 +29,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.run_dir:
     raise app.UsageError('--run_dir is required')
-  mec = cli.from_flags(MECConfig)
-  model = cli.from_flags(ModelConfig, max_users=mec.width)
-  train = cli.from_flags(training.TrainConfig)
+  mec, model, train = cli.training_configs()
   cli.check_range('eval_chunk', FLAGS.eval_chunk, 1)
   if (os.path.exists(os.path.join(FLAGS.run_dir, 'config.json')) and not FLAGS.resume):
     raise app.UsageError(f'{FLAGS.run_dir} already holds a run; pass --resume to continue '

@@ -9,27 +9,21 @@ import os
 from absl import app, flags
 
 from dynn_jax import cli, cost_study, training
-from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
-from dynn_jax.models import ModelConfig
 
 flags.DEFINE_string('out', 'results/train_cost.json', 'JSON file for the study.')
 flags.DEFINE_float('bar', 0.15, 'Relative gap to the optimum every sub-network must reach.')
 flags.DEFINE_integer('max_steps', 20_000, 'Give up on a schedule after this many steps.')
 flags.DEFINE_integer('study_eval_slots', 1024, 'Held-out slots of the quality checks.')
 flags.DEFINE_list('kinds', list(cost_study.KINDS), 'Network kinds: full, width, depth.')
-cli.define_flags(MECConfig)
-cli.define_flags(ModelConfig, skip=('max_users',))
-cli.define_flags(training.TrainConfig)
+cli.define_training_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  mec = cli.from_flags(MECConfig)
-  model = cli.from_flags(ModelConfig, max_users=mec.width)
-  train = cli.from_flags(training.TrainConfig)
+  mec, model, train = cli.training_configs()
   cli.check_range('bar', FLAGS.bar, 0.0)
   cli.check_range('max_steps', FLAGS.max_steps, 1)
   cli.check_range('study_eval_slots', FLAGS.study_eval_slots, 1)

@@ -13,7 +13,7 @@ import pytest
 
 from dynn_jax import latency
 from dynn_jax.benchmark import (bucketed_apply, fit_line, group_by_exit,
-                                network_variables, power_of_two_chunks)
+                                network_variables)
 from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.models import ModelConfig, moe_forward
@@ -94,8 +94,8 @@ def test_table_is_device_versioned(launched, tmp_path):
 
 
 def test_bucketed_matches_masked_on_mixed_batch():
-  # Exit (1, 1) gets 12 slots (chunks of 8 + 4), the others fewer: padding and
-  # several chunks per exit are both exercised.
+  # Exit (1, 1) gets 12 slots (three calls of 4, one padded), the others 3 (one padded
+  # call each): padding and several calls per exit are both exercised.
   option = np.concatenate([np.zeros(12, int), np.arange(1, 6).repeat(3)])
   option = np.random.default_rng(0).permutation(option)
   k, l = option // MODEL.max_depth + 1, option % MODEL.max_depth + 1
@@ -103,7 +103,7 @@ def test_bucketed_matches_masked_on_mixed_batch():
   feats = normalized_features(slots, MEC)
   mask = slots.mask & (jax.random.uniform(jax.random.PRNGKey(4), slots.mask.shape) < 0.7)
   variables = network_variables(MEC, MODEL, seed=1)[0]['allocator']
-  got = bucketed_apply(MODEL, variables, feats, mask, k, l, min_chunk=4)
+  got = bucketed_apply(MODEL, variables, feats, mask, k, l, chunk=4)
   want = moe_forward(MODEL, variables, feats, mask, k, l)
   for name in ('b_share', 'f_share', 'b_logits', 'f_logits', 'gate'):
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5,
@@ -113,22 +113,17 @@ def test_bucketed_matches_masked_on_mixed_batch():
 def test_grouping_covers_every_slot_once():
   option = np.random.default_rng(1).integers(0, MODEL.num_options, 100)
   k, l = option // MODEL.max_depth + 1, option % MODEL.max_depth + 1
-  calls = group_by_exit(MODEL, k, l, min_chunk=4)
+  calls = group_by_exit(MODEL, k, l, chunk=8)
   seen = np.concatenate([np.unique(index) for _, _, index in calls])
   assert sorted(seen) == list(range(100))
+  assert len(calls) == sum(-(-np.sum(option == o) // 8) for o in range(MODEL.num_options))
   for kk, ll, index in calls:
-    assert len(index) >= 4 and len(index) & (len(index) - 1) == 0
+    assert len(index) == 8
     assert np.all(k[index] == kk) and np.all(l[index] == ll)
   with pytest.raises(ValueError, match='outside'):
     group_by_exit(MODEL, np.array([4]), np.array([1]))
-
-
-@pytest.mark.parametrize('count,min_chunk', [(1, 8), (8, 8), (137, 8), (137, 1), (4096, 8)])
-def test_power_of_two_chunks(count, min_chunk):
-  sizes = power_of_two_chunks(count, min_chunk)
-  assert count <= sum(sizes) < count + min_chunk
-  assert all(s & (s - 1) == 0 and s >= min_chunk for s in sizes)
-  assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+  with pytest.raises(ValueError, match='chunk'):
+    group_by_exit(MODEL, k, l, chunk=0)
 
 
 def test_fit_recovers_a_known_line():

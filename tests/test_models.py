@@ -173,8 +173,8 @@ def test_nobody_offloaded_gives_zeros_and_finite_gradients(data, moe_vars):
 def test_config_refuses_bad_fields_naming_them():
   for field, value, allowed in (('num_experts', 0, '[1, inf)'), ('max_depth', 2.0, '[1, inf)'),
                                 ('leaky_slope', 1.0, '[0.0, 1.0)'),
-                                ('gate_noise', 1, 'True or False'),
-                                ('op_zeta', 0.0, '(0, inf)'), ('max_users', -3, '[1, inf)')):
+                                ('gate_noise', 1, 'True, False'),
+                                ('op_zeta', 0.0, '(0.0, inf)'), ('max_users', -3, '[1, inf)')):
     with pytest.raises(ConfigError, match=rf'ModelConfig\.{field} = {value!r}.*'
                        + allowed.replace('[', r'\[').replace('(', r'\(').replace(')', r'\)')):
       ModelConfig(**{field: value})

@@ -3,3 +3,6 @@ from dynn_jax.solvers.allocation import equal_split, optimal_allocation
 from dynn_jax.solvers.ga import GAConfig, ga_solve
 from dynn_jax.solvers.offloading import (all_local, all_offload, exhaustive_search,
                                          random_offload)
+
+__all__ = ['GAConfig', 'all_local', 'all_offload', 'equal_split', 'exhaustive_search',
+           'ga_solve', 'optimal_allocation', 'random_offload']

@@ -39,34 +39,23 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dynn_jax.config import ConfigError, MECConfig
+from dynn_jax.config import POSITIVE_INT, ConfigBase, MECConfig, Range, check_ranges
 from dynn_jax.env import Decision, Slots, slot_costs
 from dynn_jax.solvers.offloading import inference_delays
 
 Array = jax.Array
 
-# field -> (low, high, low_inclusive, high_inclusive, integer); None means unbounded.
 _RANGES = {
-    'generations': (1, None, True, True, True),
-    'population_per_task': (1, None, True, True, True),
-    'crossover_rate': (0.0, 1.0, True, True, False),
-    'crossover_decay': (0.0, 1.0, False, True, False),
-    'mutation_rate': (0.0, 1.0, True, True, False),
-    'mutation_decay': (0.0, 1.0, False, True, False),
-    'decay_interval': (1, None, True, True, True),
-    'decay_interval_case2': (1, None, True, True, True),
-    'slot_chunk': (1, None, True, True, True),
+    'generations': POSITIVE_INT, 'population_per_task': POSITIVE_INT,
+    'crossover_rate': Range(0.0, 1.0), 'crossover_decay': Range(0.0, 1.0, False),
+    'mutation_rate': Range(0.0, 1.0), 'mutation_decay': Range(0.0, 1.0, False),
+    'decay_interval': POSITIVE_INT, 'decay_interval_case2': POSITIVE_INT,
+    'slot_chunk': POSITIVE_INT,
 }
 
 
-def _describe(low, high, low_inc, high_inc, integer) -> str:
-  hi = 'inf' if high is None else repr(high)
-  kind = 'an integer in ' if integer else ''
-  return f'{kind}{"[" if low_inc else "("}{low!r}, {hi}{"]" if high_inc else ")"}'
-
-
 @dataclasses.dataclass(frozen=True)
-class GAConfig:
+class GAConfig(ConfigBase):
   """GA hyperparameters; defaults are the paper's (the generation count is ours).
 
   Frozen and hashable: a static argument of `ga_solve`. Population =
@@ -86,20 +75,7 @@ class GAConfig:
   slot_chunk: int = 16
 
   def __post_init__(self):
-    for name, (low, high, low_inc, high_inc, integer) in _RANGES.items():
-      value = getattr(self, name)
-      if integer:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-      else:
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and math.isfinite(value))
-      if ok:
-        ok = value >= low if low_inc else value > low
-      if ok and high is not None:
-        ok = value <= high if high_inc else value < high
-      if not ok:
-        raise ConfigError(f'GAConfig.{name} = {value!r}; allowed range '
-                          f'{_describe(low, high, low_inc, high_inc, integer)}')
+    check_ranges(self, _RANGES)
 
   def population(self, config: MECConfig) -> int:
     return self.population_per_task * config.width

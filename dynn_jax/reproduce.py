@@ -1,0 +1,121 @@
+"""The paper's studies as resumable *points*: sweeps, the model-size study (Fig. 4) and
+the op / inference-share study (Fig. 10, 11). Each point is one JSON file under
+`results_dir/points/`; a point already written is read back, never recomputed, so an
+interrupted reproduction continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynn_jax import ops
+from dynn_jax.config import MECConfig
+from dynn_jax.env import importance_weight, normalized_features, sample_slots
+from dynn_jax.evaluation import Params, Setting, evaluate
+from dynn_jax.io import read_json, write_json_atomic
+from dynn_jax.models import ModelConfig, all_subnetworks
+from dynn_jax.training import weighted_delays
+
+# (MECConfig field or 'n_active', values in SI, label, unit scale for display)
+SWEEPS = {
+    'data': ('s_avg', [500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0, 3500.0, 4000.0],
+             'mean data size (kbit)', 1e-3),
+    'workload': ('c_avg', [400.0, 600.0, 797.5, 1000.0, 1200.0, 1400.0, 1600.0],
+                 'mean workload (cycles/bit)', 1.0),
+    'tasks': ('n_active', [10, 15, 20, 25, 30, 35, 40, 45], 'number of tasks', 1.0),
+    'cpu': ('f_ser', [1.0e9, 1.5e9, 2.0e9, 2.5e9, 3.0e9, 3.5e9, 4.0e9, 4.5e9],
+            'server CPU (GHz)', 1e-9),
+    'data_large': ('s_avg', [3000.0, 4000.0, 5000.0, 6000.0, 7000.0, 8000.0, 9000.0, 10000.0],
+                   'mean data size (kbit)', 1e-3),
+}
+METHODS = {
+    1: ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal', 'equal_split'),
+    2: ('pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local'),
+}
+LARGE_DATA_METHODS = ('policy_moe', 'fix_moe', 'static')
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  params: Params
+  mec: MECConfig
+  model: ModelConfig
+
+
+def point_path(results_dir: str, name: str) -> str:
+  return os.path.join(results_dir, 'points', f'{name}.json')
+
+
+def cached(results_dir: str, name: str, compute) -> Any:
+  """The point's JSON if it exists, else compute it and write it atomically."""
+  path = point_path(results_dir, name)
+  if os.path.exists(path):
+    return read_json(path, 'result point')
+  value = compute()
+  write_json_atomic(path, value)
+  return value
+
+
+def sweep_point(nets: Networks, sweep: str, value, methods, slots: int, ga_slots: int,
+                seed: int, delay=None) -> dict:
+  field, _, _, _ = SWEEPS[sweep]
+  mec = nets.mec if field == 'n_active' else nets.mec.replace(**{field: value})
+  n_users = value if field == 'n_active' else None
+  setting = Setting(mec=mec, model=nets.model, feature_config=nets.mec, delay=delay)
+  out = evaluate(setting, methods, nets.params, slots=slots, seed=seed, n_users=n_users)
+  if ga_slots:
+    ga = evaluate(setting, ('ga',), nets.params, slots=ga_slots, seed=seed, n_users=n_users)
+    out['ga'] = ga['ga']
+    out['_ga_slots'] = ga['_slots']
+  return {'sweep': sweep, 'value': value, 'results': out}
+
+
+def model_size_point(nets: Networks, slots: int, seed: int, chunk: int = 2048) -> dict:
+  """Fig. 4: mean weighted delay of every (k, l), without and with inference delay."""
+  mec, model = nets.mec, nets.model
+
+  @jax.jit
+  def chunk_sums(key):
+    s = sample_slots(key, mec, chunk)
+    out = all_subnetworks(model, {'params': nets.params.allocator},
+                          normalized_features(s, mec), s.mask)
+    plain = weighted_delays(out, s, s.mask, mec)                     # [K, L, B]
+    t_inf = ops.inference_delay_table(model, mec, s.mask.sum(-1), s.mask.sum(-1)).edge
+    extra = importance_weight(s, mec).sum(-1) * jnp.moveaxis(t_inf, (-2, -1), (0, 1))
+    return plain.sum(-1), (plain + extra).sum(-1)
+
+  n = max(1, slots // chunk)
+  plain, with_inf = 0.0, 0.0
+  for i in range(n):
+    a, b = chunk_sums(jax.random.fold_in(jax.random.PRNGKey(seed), i))
+    plain, with_inf = plain + np.asarray(a), with_inf + np.asarray(b)
+  scale = 1e3 / (n * chunk)  # weighted seconds -> weighted ms per slot
+  return {'without_inference': (plain * scale).tolist(),
+          'with_inference': (with_inf * scale).tolist(), 'slots': n * chunk,
+          'unit': 'sum_i w_i T_i in ms per slot'}
+
+
+def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
+               ga_slots: int, seed: int, delay=None) -> dict:
+  out = {}
+  for case in cases:
+    for sweep in sweeps:
+      if sweep == 'data_large' and case != 1:
+        continue
+      methods = LARGE_DATA_METHODS if sweep == 'data_large' else METHODS[case]
+      _, values, _, _ = SWEEPS[sweep]
+      points = []
+      for value in values:
+        name = f'case{case}_{sweep}_{value:g}'
+        print(f'point {name}', flush=True)
+        points.append(cached(results_dir, name, lambda: sweep_point(
+            nets[case], sweep, value, methods, slots,
+            0 if sweep == 'data_large' else ga_slots, seed, delay)))
+      out[f'case{case}_{sweep}'] = points
+  return out
