@@ -38,7 +38,7 @@ from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots, slot_costs
 from dynn_jax.io import write_json_atomic
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
-                             StaticAllocator, moe_forward, per_slot_apply,
+                             StaticAllocator, check_inputs, moe_forward, per_slot_apply,
                              per_slot_forward)
 from dynn_jax.solvers import equal_split, optimal_allocation
 from dynn_jax.solvers.ga import GAConfig, ga_solve
@@ -152,6 +152,26 @@ def fit_line(ops_count, seconds) -> dict:
           'points': int(x.size)}
 
 
+def fit_with_experts(k, ops_count, seconds) -> dict:
+  """Least squares seconds ~ overhead_s + seconds_per_expert * k + seconds_per_op * ops.
+
+  Each active expert has a cost of its own besides its ops (its weights are gathered
+  and its layers are separate kernels), which the one-variable fit folds into the
+  overhead and the slope. With K = 1 the k column is constant and the minimum-norm
+  solution is returned.
+  """
+  k = np.asarray(k, np.float64)
+  x = np.asarray(ops_count, np.float64)
+  y = np.asarray(seconds, np.float64)
+  design = np.stack([np.ones_like(x), k, x], 1)
+  (overhead, per_expert, per_op), *_ = np.linalg.lstsq(design, y, rcond=None)
+  residual = y - design @ np.array([overhead, per_expert, per_op])
+  total = float(((y - y.mean()) ** 2).sum())
+  return {'overhead_s': float(overhead), 'seconds_per_expert': float(per_expert),
+          'seconds_per_op': float(per_op),
+          'r2': 1.0 - float((residual ** 2).sum()) / total if total > 0 else None}
+
+
 # ------------------------------------------------------- exit-bucketed batched path
 
 
@@ -213,13 +233,15 @@ def bucketed_apply(config: ModelConfig, variables: dict, features: Array,
   and masks them. Gives the same `Allocation` as the batched path (to float rounding).
 
   Small chunks are faster on CPU: each slot gathers its own k experts' weights
-  ([chunk, k, 64, 64] per layer), which must stay in cache; on a 2-core CPU at the
-  paper's size, 16 slots per call ran ~1.6x faster than 64 and ~4x faster than padding
-  every group to a power of two. One compile per exit (and chunk size).
+  ([chunk, k, width, width] per layer), which should stay in cache. At the paper's
+  size on a loaded 2-core CPU, 4096 slots of a uniform mix ran at ~18k slots/s with
+  16 slots per call, ~11k with 64, ~12k with 8 and ~4.6k with every group padded to
+  a power of two. One compile per exit (and chunk size).
   """
-  if np.ndim(features) != 3:
-    raise ValueError(f'features have shape {np.shape(features)}; expected [B, W, 5]')
-  features, offload_mask = jnp.asarray(features), jnp.asarray(offload_mask)
+  features, offload_mask = check_inputs(config, features, offload_mask)
+  if features.ndim != 3 or np.shape(k) != features.shape[:1] or np.shape(l) != np.shape(k):
+    raise ValueError(f'expected features [B, W, 5] and k, l [B]; got features '
+                     f'{features.shape}, k {np.shape(k)}, l {np.shape(l)}')
   calls = group_by_exit(config, k, l, chunk)
   batch, width = offload_mask.shape
   # Five distinct buffers: one donated buffer cannot back two outputs.
@@ -238,21 +260,32 @@ def network_variables(mec: MECConfig, model: ModelConfig, seed: int = 0,
   """({name: flax variables}, {name: 'trained' | 'random'}) for the four networks.
 
   Latency does not depend on the parameter values, so networks missing from `params`
-  (a `dynn_jax.evaluation.Params`, or None) get random ones.
+  (a `dynn_jax.evaluation.Params`, or None) get random ones: N(0, 1 / fan_in), finite
+  and of a trained network's scale (no subnormals to slow the CPU down). They come from
+  the modules' parameter shapes (`jax.eval_shape`), not from `init`, whose compile
+  takes seconds for the allocator.
   """
   slots = sample_slots(jax.random.PRNGKey(0), mec)
   feats = normalized_features(slots, mec)
   modules = {'allocator': MoEAllocator(model), 'static': StaticAllocator(model),
              'policy': Policy(model), 'scheduler': Scheduler(model)}
+  rng = np.random.default_rng(seed)
   variables, sources = {}, {}
-  for i, (name, module) in enumerate(modules.items()):
+  for name, module in modules.items():
     trained = None if params is None else getattr(params, name)
     if trained is not None:
       variables[name], sources[name] = {'params': trained}, 'trained'
-    else:
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      variables[name], sources[name] = module.init(key, feats, slots.mask), 'random'
+      continue
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), feats, slots.mask)
+    variables[name] = jax.tree.map(lambda leaf: _random_leaf(rng, leaf), shapes)
+    sources[name] = 'random'
   return variables, sources
+
+
+def _random_leaf(rng: np.random.Generator, leaf) -> Array:
+  fan_in = leaf.shape[-2] if len(leaf.shape) >= 2 else leaf.shape[0]
+  values = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), leaf.shape)
+  return jnp.asarray(values, leaf.dtype)
 
 
 def _dispatch_floor(variables, features, offload_mask):
@@ -395,8 +428,11 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
       dict(min_calls=heavy_min, min_seconds=min_seconds))
 
   exits = results['exits']
-  results['fit'] = {**fit_line([e['ops'] for e in exits], [e['median_s'] for e in exits]),
+  medians = [e['median_s'] for e in exits]
+  results['fit'] = {**fit_line([e['ops'] for e in exits], medians),
                     'modelled_seconds_per_op': mec.cycles_per_op / mec.f_ser}
+  results['fit_with_experts'] = fit_with_experts([e['k'] for e in exits],
+                                                 [e['ops'] for e in exits], medians)
   results['load_end'] = host_load()
   results['targets'] = targets(results, K, L)
   results['latency_table'] = latency_table(results, mec, model)
@@ -470,6 +506,7 @@ def latency_table(results: dict, mec: MECConfig, model: ModelConfig) -> dict:
                         'equal_split': results['equal_split']['median_s']},
           'dispatch_floor_s': results['dispatch_floor']['median_s'],
           'fit': {k: results['fit'][k] for k in ('seconds_per_op', 'overhead_s', 'r2')},
+          'fit_with_experts': results['fit_with_experts'],
           'measured_at': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
           'load': results['load_start']}
 
@@ -512,6 +549,11 @@ def format_exits(results: dict) -> str:
   lines.append(f'\nfit: latency = {fit["overhead_s"] * 1e6:.2f} us + '
                f'{fit["seconds_per_op"] * 1e12:.2f} ps/op x ops   (R^2 {r2}; modelled '
                f'{fit["modelled_seconds_per_op"] * 1e12:.0f} ps/op, no overhead)')
+  fk = results['fit_with_experts']
+  r2 = 'n/a' if fk['r2'] is None else f'{fk["r2"]:.3f}'
+  lines.append(f'     latency = {fk["overhead_s"] * 1e6:.2f} us + '
+               f'{fk["seconds_per_expert"] * 1e6:.2f} us x k + '
+               f'{fk["seconds_per_op"] * 1e12:.2f} ps/op x ops   (R^2 {r2})')
   for name, t in results['targets'].items():
     lines.append(f'{name:34s} {t["value"]:8.2f}  target {t["target"]:8s} '
                  f'{"met" if t["met"] else "MISSED"}')

@@ -190,9 +190,10 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
 
 def check_methods(names, params: Params, setting: Setting) -> None:
   """Unknown names, missing networks and impossible choices fail before any work."""
+  unknown = [name for name in names if name not in METHODS]
+  if unknown:
+    raise ValueError(f'unknown method(s) {unknown}; known: {sorted(METHODS)}')
   for name in names:
-    if name not in METHODS:
-      raise ValueError(f'unknown method {name!r}; known: {sorted(METHODS)}')
     missing = [n for n in NEEDS.get(name, ()) if getattr(params, n) is None]
     if name == 'pmrl' and setting.mec.case == 1:
       missing = [n for n in missing if n != 'scheduler']

@@ -14,6 +14,9 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.')
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()

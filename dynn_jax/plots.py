@@ -24,33 +24,79 @@ def save_png(fig: Figure, path: str, dpi: int = 150) -> None:
 def latency_vs_ops(results: dict, path: str) -> None:
   """Per-slot latency (us) of every exit against its counted ops, from `exits_suite`.
 
-  Points carry their (k, l) and p10-p90 bars; the fitted line and the dispatch floor
-  show how much of each exit's time is fixed cost.
+  Points carry their (k, l) and p10-p90 bars, one colour per depth; the ops axis is
+  logarithmic because depth 1 costs ~10x less than depth 2 and its exits would pile
+  up at the origin. The fitted line and the dispatch floor show how much of each
+  exit's time is fixed cost.
   """
   exits = results['exits']
-  x = np.array([e['ops'] for e in exits])
-  y = np.array([e['median_s'] for e in exits]) * 1e6
-  low = y - np.array([e['p10_s'] for e in exits]) * 1e6
-  high = np.array([e['p90_s'] for e in exits]) * 1e6 - y
-  fig = Figure(figsize=(7, 4.5))
+  fig = Figure(figsize=(7.5, 4.8))
   ax = fig.add_subplot()
-  ax.errorbar(x, y, yerr=[low, high], fmt='o', ms=4, capsize=2, label='exit (k, l): median, p10-p90')
-  for e, xi, yi in zip(exits, x, y):
-    ax.annotate(f'({e["k"]},{e["l"]})', (xi, yi), textcoords='offset points', xytext=(3, 3),
-                fontsize=7)
+  for depth in sorted({e['l'] for e in exits}):
+    group = [e for e in exits if e['l'] == depth]
+    x = np.array([e['ops'] for e in group])
+    y = np.array([e['median_s'] for e in group]) * 1e6
+    bars = [y - np.array([e['p10_s'] for e in group]) * 1e6,
+            np.array([e['p90_s'] for e in group]) * 1e6 - y]
+    ax.errorbar(x, y, yerr=bars, fmt='o', ms=4, capsize=2, label=f'exits l = {depth} '
+                '(median, p10-p90)')
+    for e, xi, yi in zip(group, x, y):
+      ax.annotate(f'{e["k"]},{e["l"]}', (xi, yi), textcoords='offset points',
+                  xytext=(3, 3), fontsize=6)
+  ops_all = np.array([e['ops'] for e in exits])
   fit = results['fit']
-  line = np.linspace(0.0, x.max() * 1.05, 50)
-  ax.plot(line, (fit['overhead_s'] + fit['seconds_per_op'] * line) * 1e6, '-',
-          label=f'fit: {fit["overhead_s"] * 1e6:.1f} us + {fit["seconds_per_op"] * 1e12:.2f} '
-                'ps/op')
+  line = np.geomspace(ops_all.min() / 1.3, ops_all.max() * 1.2, 100)
+  ax.plot(line, (fit['overhead_s'] + fit['seconds_per_op'] * line) * 1e6, '-', color='k',
+          lw=1, label=f'fit: {fit["overhead_s"] * 1e6:.1f} us + '
+                      f'{fit["seconds_per_op"] * 1e12:.2f} ps/op')
   floor = results['dispatch_floor']['median_s'] * 1e6
   ax.axhline(floor, color='grey', ls='--', label=f'dispatch floor {floor:.1f} us')
+  ax.set_xscale('log')
   ax.set_xlabel('counted ops per slot')
   ax.set_ylabel('per-slot latency (us)')
   ax.set_ylim(bottom=0.0)
   device = results.get('latency_table', {}).get('device', {})
-  ax.set_title(f'Allocation DyNN exits, W = {results["width"]}, '
-               f'{device.get("platform", "?")} {device.get("device_kind", "")}')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc='upper left')
+  ax.set_title(f'Allocation DyNN exits (k, l), W = {results["width"]}, '
+               f'{device.get("platform", "?")} ({device.get("device_kind", "?")})')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=7, loc='upper left')
+  save_png(fig, path)
+
+
+def training_cost(study: dict, path: str) -> None:
+  """The paper's Fig. 12 from `dynn_jax.cost_study.run_study`: training time to the
+  quality bar per network kind, progressive shrinking against from scratch, and the
+  worst sub-network gap over training steps."""
+  results = study['results']
+  kinds = list(dict.fromkeys(r['kind'] for r in results))
+  schedules = ('progressive', 'scratch')
+  fig = Figure(figsize=(10, 4), layout='constrained')
+  bars, curves = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  width = 0.38
+  for j, schedule in enumerate(schedules):
+    runs = [next((r for r in results if r['kind'] == kind and r['schedule'] == schedule),
+                 None) for kind in kinds]
+    seconds = [r['seconds'] if r else 0.0 for r in runs]
+    drawn = bars.bar(np.arange(len(kinds)) + (j - 0.5) * width, seconds, width,
+                     label=schedule)
+    for patch, r in zip(drawn, runs):
+      if r is not None and not r['reached']:
+        patch.set_hatch('//')  # stopped at max_steps without reaching the bar
+  bars.set_xticks(np.arange(len(kinds)), kinds)
+  bars.set_ylabel('training seconds to the bar')
+  bars.set_title('hatched: bar not reached', fontsize=8)
+  bars.legend(fontsize=8)
+  for r in results:
+    if r['history']:
+      steps = [h['step'] for h in r['history']]
+      gaps = [max(h['worst_gap'], 1e-6) for h in r['history']]
+      curves.plot(steps, gaps, '.-' if r['schedule'] == 'progressive' else '.--',
+                  label=f'{r["kind"]}, {r["schedule"]}')
+  curves.axhline(study['bar'], color='grey', lw=1, label=f'bar {study["bar"]:g}')
+  curves.set_yscale('log')
+  curves.set_xlabel('training steps')
+  curves.set_ylabel('worst sub-network gap to the optimum')
+  curves.legend(fontsize=7)
+  speedups = ', '.join(f'{k} {v:.2f}x' for k, v in study.get('speedup', {}).items())
+  fig.suptitle(f'Progressive shrinking vs from scratch ({speedups or "no speedup: a bar missed"})')
   save_png(fig, path)

@@ -8,7 +8,7 @@ import os
 
 from absl import app, flags
 
-from dynn_jax import cli, cost_study, training
+from dynn_jax import cli, cost_study
 from dynn_jax.io import write_json_atomic
 
 flags.DEFINE_string('out', 'results/train_cost.json', 'JSON file for the study.')

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dynn_jax import latency
-from dynn_jax.benchmark import (bucketed_apply, fit_line, group_by_exit,
+from dynn_jax.benchmark import (bucketed_apply, fit_line, fit_with_experts, group_by_exit,
                                 network_variables)
 from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots
@@ -104,7 +104,7 @@ def test_bucketed_matches_masked_on_mixed_batch():
   mask = slots.mask & (jax.random.uniform(jax.random.PRNGKey(4), slots.mask.shape) < 0.7)
   variables = network_variables(MEC, MODEL, seed=1)[0]['allocator']
   got = bucketed_apply(MODEL, variables, feats, mask, k, l, chunk=4)
-  want = moe_forward(MODEL, variables, feats, mask, k, l)
+  want = jax.jit(lambda *a: moe_forward(MODEL, *a))(variables, feats, mask, k, l)
   for name in ('b_share', 'f_share', 'b_logits', 'f_logits', 'gate'):
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5,
                                err_msg=name)
@@ -114,9 +114,10 @@ def test_grouping_covers_every_slot_once():
   option = np.random.default_rng(1).integers(0, MODEL.num_options, 100)
   k, l = option // MODEL.max_depth + 1, option % MODEL.max_depth + 1
   calls = group_by_exit(MODEL, k, l, chunk=8)
-  seen = np.concatenate([np.unique(index) for _, _, index in calls])
-  assert sorted(seen) == list(range(100))
-  assert len(calls) == sum(-(-np.sum(option == o) // 8) for o in range(MODEL.num_options))
+  for o in range(MODEL.num_options):
+    mine = [index for kk, ll, index in calls if (kk - 1) * MODEL.max_depth + ll - 1 == o]
+    assert len(mine) == -(-np.sum(option == o) // 8)
+    assert set(np.concatenate(mine)) == set(np.flatnonzero(option == o))
   for kk, ll, index in calls:
     assert len(index) == 8
     assert np.all(k[index] == kk) and np.all(l[index] == ll)
@@ -135,3 +136,13 @@ def test_fit_recovers_a_known_line():
   assert fit['r2'] > 0.999 and fit['points'] == 30
   flat = fit_line([5.0, 5.0], [1e-5, 3e-5])
   assert flat['seconds_per_op'] == 0.0 and flat['overhead_s'] == pytest.approx(2e-5)
+
+
+def test_fit_with_experts_recovers_a_known_plane():
+  k = np.repeat(np.arange(1, 11), 3)
+  ops_count = k * np.tile([2.7e4, 2.7e5, 5.2e5], 10)
+  fit = fit_with_experts(k, ops_count, 27e-6 + 2e-6 * k + 1.6e-11 * ops_count)
+  assert fit['overhead_s'] == pytest.approx(27e-6, rel=1e-6)
+  assert fit['seconds_per_expert'] == pytest.approx(2e-6, rel=1e-6)
+  assert fit['seconds_per_op'] == pytest.approx(1.6e-11, rel=1e-6)
+  assert fit['r2'] == pytest.approx(1.0)

@@ -1,0 +1,107 @@
+"""Evaluation: the accumulation is exact, sharding changes nothing, bad requests fail."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dynn_jax import MECConfig, optimal_allocation, sample_slots, slot_costs
+from dynn_jax.evaluation import Params, Setting, check_methods, evaluate
+from dynn_jax.latency import MeasuredTable
+from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
+from dynn_jax.training import init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEC2 = MECConfig(case=2, n_users=6)
+MODEL = ModelConfig.for_env(MEC2, num_experts=2, max_depth=2, width=8, static_width=8)
+
+
+def random_networks(mec=MEC2, model=MODEL) -> Params:
+  key = jax.random.PRNGKey(0)
+  return Params(*(init_params(m(model), jax.random.fold_in(key, i), mec)
+                  for i, m in enumerate((MoEAllocator, StaticAllocator, Policy, Scheduler))))
+
+
+SHARDED_SCRIPT = """
+import json, jax
+import test_evaluation as t
+from dynn_jax.evaluation import Setting, evaluate
+r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), ('pmrl', 'static', 'optimal', 'random', 'local',
+             'ga'), t.random_networks(), slots=512, chunk=128)
+print(json.dumps({'devices': jax.device_count(), 'results': r}))
+"""
+
+
+def test_sharded_over_8_devices_equals_one_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=os.path.join(ROOT, 'tests') + os.pathsep + ROOT)
+  out = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  sharded = json.loads(out.stdout.strip().splitlines()[-1])
+  assert sharded['devices'] == 8 and sharded['results']['_devices'] == 8
+  single = evaluate(Setting(MEC2, MODEL, MEC2), ('pmrl', 'static', 'optimal', 'random',
+                                                 'local', 'ga'),
+                    random_networks(), slots=512, chunk=128)
+  assert single['_devices'] == 1
+  for method in ('pmrl', 'static', 'optimal', 'random', 'local', 'ga'):
+    for metric, value in single[method].items():
+      np.testing.assert_allclose(sharded['results'][method][metric]['mean'], value['mean'],
+                                 rtol=1e-5, atol=1e-9, err_msg=f'{method} {metric}')
+
+
+def test_accumulated_means_equal_a_direct_computation():
+  mec = MECConfig(n_users=5)
+  result = evaluate(Setting(mec, MODEL, mec), ('optimal',), Params(), slots=300, chunk=100,
+                    seed=3)
+  assert result['_slots'] == 300
+  objectives = []
+  for i in range(3):
+    k_slots, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), i))
+    slots = sample_slots(k_slots, mec, 100)
+    objectives.append(np.asarray(slot_costs(slots, optimal_allocation(slots, slots.mask, mec),
+                                            mec).objective))
+  objectives = np.concatenate(objectives)
+  np.testing.assert_allclose(result['optimal']['objective']['mean'], objectives.mean(),
+                             rtol=1e-5)
+  half_width = 1.96 * objectives.std(ddof=1) / np.sqrt(300)
+  np.testing.assert_allclose(result['optimal']['objective']['ci95'], half_width, rtol=1e-3)
+
+
+def test_measured_mode_adds_the_table_latency():
+  mec = MECConfig(n_users=5)
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8, static_width=8)
+  nets = random_networks(mec, model)
+
+  def table(full_s):
+    return MeasuredTable(allocator_s=((1e-4, 2e-4), (3e-4, full_s)), static_s=5e-4,
+                         policy_s=1e-5, scheduler_s=2e-5, solvers_s=(('optimal', 7e-4),),
+                         device=())
+
+  def delay(full_s):
+    r = evaluate(Setting(mec, model, mec, table(full_s)), ('fix_moe', 'optimal'), nets,
+                 slots=256, chunk=256)
+    assert r['_mode'] == 'measured'
+    return r
+
+  a, b = delay(4e-4), delay(1.4e-3)
+  np.testing.assert_allclose(b['fix_moe']['mean_delay']['mean'] - a['fix_moe']['mean_delay']['mean'],
+                             1e-3, rtol=1e-4)
+  modelled = evaluate(Setting(mec, model, mec), ('optimal',), nets, slots=256, chunk=256)
+  np.testing.assert_allclose(a['optimal']['mean_delay']['mean']
+                             - modelled['optimal']['mean_delay']['mean'], 7e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('names,params,mec,message', [
+    (('policy_moe', 'nope'), Params(), MECConfig(n_users=4), 'unknown method'),
+    (('policy_moe',), Params(), MECConfig(n_users=4), 'needs trained'),
+    (('exhaustive',), Params(), MECConfig(case=2, n_users=13), 'N_max <= 12'),
+    (('local',), Params(), MECConfig(n_users=4), 'needs case 2'),
+])
+def test_bad_requests_fail_before_work(names, params, mec, message):
+  with pytest.raises(ValueError, match=message):
+    check_methods(names, params, Setting(mec, ModelConfig.for_env(mec), mec))
