@@ -57,6 +57,7 @@ def cached(results_dir: str, name: str, compute) -> Any:
   path = point_path(results_dir, name)
   if os.path.exists(path):
     return read_json(path, 'result point')
+  print(f'computing point {name}', flush=True)
   value = compute()
   write_json_atomic(path, value)
   return value
@@ -101,19 +102,27 @@ def model_size_point(nets: Networks, slots: int, seed: int, chunk: int = 2048) -
           'unit': 'sum_i w_i T_i in ms per slot'}
 
 
+def sweep_values(sweep: str, points: int | None = None) -> list:
+  """The sweep's values, or `points` of them evenly spaced with both ends kept."""
+  values = SWEEPS[sweep][1]
+  if points is None or points >= len(values):
+    return values
+  picks = np.unique(np.round(np.linspace(0, len(values) - 1, max(points, 1))).astype(int))
+  return [values[i] for i in picks]
+
+
 def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
-               ga_slots: int, seed: int, delay=None) -> dict:
+               ga_slots: int, seed: int, delay=None, points_per_sweep: int | None = None
+               ) -> dict:
   out = {}
   for case in cases:
     for sweep in sweeps:
       if sweep == 'data_large' and case != 1:
         continue
       methods = LARGE_DATA_METHODS if sweep == 'data_large' else METHODS[case]
-      _, values, _, _ = SWEEPS[sweep]
       points = []
-      for value in values:
+      for value in sweep_values(sweep, points_per_sweep):
         name = f'case{case}_{sweep}_{value:g}'
-        print(f'point {name}', flush=True)
         points.append(cached(results_dir, name, lambda: sweep_point(
             nets[case], sweep, value, methods, slots,
             0 if sweep == 'data_large' else ga_slots, seed, delay)))

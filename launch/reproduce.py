@@ -30,6 +30,8 @@ flags.DEFINE_bool('retrain', False, 'Train both cases from launch/flags/paper_ca
 flags.DEFINE_list('cases', ['1', '2'], 'Cases to reproduce.')
 flags.DEFINE_list('sweeps', ['data', 'workload', 'tasks', 'cpu', 'data_large'],
                   'Sweeps to run (see dynn_jax.reproduce.SWEEPS).')
+flags.DEFINE_integer('points_per_sweep', None, 'Evaluate only this many values of each '
+                     'sweep, evenly spaced, both ends kept (default: all).')
 flags.DEFINE_integer('slots', 16384, 'Slots per sweep point (shared by all methods).')
 flags.DEFINE_integer('ga_slots', 64, 'Slots per point for the GA (0: skip the GA).')
 flags.DEFINE_integer('model_size_slots', 8192, 'Slots of the Fig. 4 study (0: skip).')
@@ -154,6 +156,8 @@ def main(argv):
     raise app.UsageError(f'--cases: {FLAGS.cases}; allowed 1, 2')
   cli.check_range('slots', FLAGS.slots, 1)
   cli.check_range('ga_slots', FLAGS.ga_slots, 0)
+  if FLAGS.points_per_sweep is not None:
+    cli.check_range('points_per_sweep', FLAGS.points_per_sweep, 1)
   start = time.perf_counter()
   cases = [int(c) for c in FLAGS.cases]
   try:
@@ -171,7 +175,7 @@ def main(argv):
   results_dir = FLAGS.results_dir
   sweeps = reproduce.run_sweeps(nets, results_dir, cases=cases, sweeps=FLAGS.sweeps,
                                 slots=FLAGS.slots, ga_slots=FLAGS.ga_slots, seed=FLAGS.seed,
-                                delay=delay)
+                                delay=delay, points_per_sweep=FLAGS.points_per_sweep)
   for key, points in sweeps.items():
     write_csv(os.path.join(results_dir, f'{key}.csv'), points)
     sweep = key.split('_', 1)[1]

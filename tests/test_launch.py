@@ -22,6 +22,8 @@ TINY = {
     'evaluate.py': ['--slots=128', '--chunk=64'],
     'train_cost.py': TINY_MODEL + ['--batch=8', '--max_steps=4', '--steps_per_call=2',
                                    '--study_eval_slots=32'],
+    'reproduce.py': ['--cases=2', '--sweeps=cpu', '--points_per_sweep=2', '--slots=64',
+                     '--ga_slots=0', '--model_size_slots=0'],
 }
 
 
@@ -58,12 +60,23 @@ def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
     args.append(f'--run_dir={tmp_path / "run"}')
   if script in ('benchmark.py', 'evaluate.py', 'train_cost.py'):
     args.append(f'--out={tmp_path / "out.json"}')
+  expected = tmp_path / ('report.md' if script == 'reproduce.py' else 'out.json')
   if script == 'evaluate.py':
     args.append(f'--networks={tiny_networks}')
+  if script == 'reproduce.py':
+    args += [f'--networks_case2={tiny_networks}', f'--results_dir={tmp_path}',
+             f'--cost_study={tmp_path / "no_cost_study.json"}']
   result = run(script, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   if script != 'train.py':
-    assert os.path.exists(tmp_path / 'out.json')
+    assert expected.exists()
+  if script == 'reproduce.py':  # a second run reads every point back: resume
+    points = sorted((tmp_path / 'points').iterdir())
+    stamps = [p.stat().st_mtime_ns for p in points]
+    again = run(script, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'computing point' not in again.stdout
+    assert [p.stat().st_mtime_ns for p in points] == stamps
 
 
 @pytest.mark.parametrize('args,message', [
