@@ -27,7 +27,7 @@ import os
 import platform
 import re
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

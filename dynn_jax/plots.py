@@ -100,3 +100,44 @@ def training_cost(study: dict, path: str) -> None:
   speedups = ', '.join(f'{k} {v:.2f}x' for k, v in study.get('speedup', {}).items())
   fig.suptitle(f'Progressive shrinking vs from scratch ({speedups or "no speedup: a bar missed"})')
   save_png(fig, path)
+
+
+def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> None:
+  """Mean delay (ms) and miss ratio (%) of every method along one sweep, with CI95."""
+  _, _, label, value_scale = sweep_def
+  x = np.array([p['value'] for p in points], dtype=float) * value_scale
+  methods = [m for m in points[0]['results'] if not m.startswith('_')]
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  for ax, metric, scale, ylabel in ((axes[0], 'mean_delay', 1e3, 'mean service delay (ms)'),
+                                    (axes[1], 'miss_ratio', 100.0, 'deadline misses (%)')):
+    for method in methods:
+      if method not in points[0]['results']:
+        continue
+      y = np.array([p['results'][method][metric]['mean'] for p in points]) * scale
+      err = np.array([p['results'][method][metric]['ci95'] for p in points]) * scale
+      ax.errorbar(x, y, yerr=err, marker='o', ms=3, capsize=2, label=method)
+    ax.set_xlabel(label)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(title)
+  save_png(fig, path)
+
+
+def model_size(study: dict, path: str) -> None:
+  """Fig. 4: weighted delay of every (k, l), without and with inference delay."""
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2, sharey=False)
+  for ax, key in zip(axes, ('without_inference', 'with_inference')):
+    table = np.asarray(study[key])
+    ks = np.arange(1, table.shape[0] + 1)
+    for l in range(table.shape[1]):
+      ax.plot(ks, table[:, l], marker='o', ms=3, label=f'depth l = {l + 1}')
+    ax.set_xlabel('active experts k')
+    ax.set_ylabel(study['unit'])
+    ax.set_title(key.replace('_', ' '))
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  save_png(fig, path)
+
