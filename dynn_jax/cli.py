@@ -13,6 +13,8 @@ import typing
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+flags.DEFINE_bool('dry_run', False, 'Parse and check every flag and input file, print the '
+                  'resolved configuration and stop before any work.')
 
 
 def _kind(cls, field: dataclasses.Field):
@@ -75,3 +77,12 @@ def training_configs():
   from dynn_jax.training import TrainConfig
   mec = from_flags(MECConfig)
   return mec, from_flags(ModelConfig, max_users=mec.width), from_flags(TrainConfig)
+
+
+def stop_if_dry_run(**resolved) -> None:
+  """With --dry_run: print what would run and exit successfully."""
+  if FLAGS.dry_run:
+    import json
+    print(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+    print('dry run: every flag checked, nothing run')
+    raise SystemExit(0)

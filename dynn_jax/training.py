@@ -46,7 +46,8 @@ import optax
 from flax import serialization
 
 from dynn_jax import ops
-from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, MECConfig,
+from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, ConfigError,
+                             MECConfig,
                              Range, check_choice, check_ranges)
 from dynn_jax.evaluation import Params
 from dynn_jax.io import write_bytes_atomic
@@ -71,6 +72,8 @@ _TRAIN_RANGES = {
                                            'joint_steps')},
     'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
     'offload_fraction_min': Range(0.0, 1.0, False, True),
+    **{name: POSITIVE for name in ('size_scale_min', 'size_scale_max', 'workload_scale_min',
+                                   'workload_scale_max')},
 }
 
 
@@ -94,12 +97,24 @@ class TrainConfig(ConfigBase):
   steps_per_call: int = 50          # steps per compiled chunk (lax.scan length)
   checkpoint_every: int = 10        # chunks between checkpoints
   offload_fraction_min: float = 1.0  # allocator trained on random offloaded subsets
+  # Per-slot factors on s_i and c_i drawn from [min, max]: networks trained on a range of
+  # data sizes and workloads serve a whole sweep (the optimal shares do not depend on
+  # s_avg or c_avg themselves, only on the users' values).
+  size_scale_min: float = 1.0
+  size_scale_max: float = 1.0
+  workload_scale_min: float = 1.0
+  workload_scale_max: float = 1.0
   eval_slots: int = 2048            # held-out slots for the final report
 
   def __post_init__(self):
     check_ranges(self, _TRAIN_RANGES)
     check_choice(self, 'schedule', SCHEDULES)
     check_choice(self, 'dynamic', DYNAMIC)
+    for kind in ('size', 'workload'):
+      low, high = getattr(self, f'{kind}_scale_min'), getattr(self, f'{kind}_scale_max')
+      if high < low:
+        raise ConfigError(f'TrainConfig.{kind}_scale_max = {high!r}; must be >= '
+                          f'{kind}_scale_min = {low!r}')
 
   @property
   def alloc_steps(self) -> int:
@@ -151,6 +166,20 @@ def sample_kl(key: Array, step: Array, shape: tuple[int, ...], train: TrainConfi
 
 
 # ------------------------------------------------------------------- shared pieces
+
+
+def training_slots(key: Array, mec: MECConfig, train: TrainConfig) -> Slots:
+  """`train.batch` fresh slots, with s and c scaled per slot (see TrainConfig)."""
+  ks, kscale = jax.random.split(key)
+  slots = sample_slots(ks, mec, train.batch)
+  ranges = ((train.size_scale_min, train.size_scale_max),
+            (train.workload_scale_min, train.workload_scale_max))
+  if all(low == high == 1.0 for low, high in ranges):
+    return slots
+  u = jax.random.uniform(kscale, (2, train.batch, 1), slots.s.dtype)
+  (s_lo, s_hi), (c_lo, c_hi) = ranges
+  return slots._replace(s=slots.s * (s_lo + (s_hi - s_lo) * u[0]),
+                        c=slots.c * (c_lo + (c_hi - c_lo) * u[1]))
 
 
 def sample_offload(key: Array, slots: Slots, fraction_min: float) -> Array:
@@ -226,7 +255,7 @@ def allocator_step(apply: Callable, tx: optax.GradientTransformation, mec: MECCo
   """One two-update step of SPEC section 4; `apply(params, feats, x, k, l, key)`."""
   def step(state: TrainState, key: Array):
     ks, kx, kkl, kn = jax.random.split(key, 4)
-    slots = sample_slots(ks, mec, train.batch)
+    slots = training_slots(ks, mec, train)
     x = sample_offload(kx, slots, train.offload_fraction_min)
     feats = normalized_features(slots, mec)
     if dynamic:
@@ -368,7 +397,7 @@ def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_p
   tx = optax.adam(train.policy_lr)
 
   def step(state, key):
-    slots = sample_slots(key, mec, train.batch)
+    slots = training_slots(key, mec, train)
     x = slots.mask
     feats = normalized_features(slots, mec)
     labels = policy_labels(model, mec, alloc_params, slots, x, delay_table)
@@ -409,7 +438,7 @@ def joint_step_fn(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_
 
   def step(state: JointState, key: Array):
     ks, kx = jax.random.split(key)
-    slots = sample_slots(ks, mec, train.batch)
+    slots = training_slots(ks, mec, train)
     feats = normalized_features(slots, mec)
 
     def sched_prob(params):
@@ -503,6 +532,8 @@ def load_networks(path: str, expect_mec: MECConfig | None = None,
                   expect_model: ModelConfig | None = None):
   """(Params, mec, model, meta) from `save_networks`; clear errors for a missing,
   corrupt or mismatched file (the configs' fields that differ are named)."""
+  if os.path.isdir(path):  # a run directory
+    path = os.path.join(path, 'networks.msgpack')
   if not os.path.exists(path):
     raise FileNotFoundError(f'trained networks not found: {path} (train them with '
                             'launch/train.py, or pass another --networks)')

@@ -51,10 +51,6 @@ cli.define_flags(GAConfig, prefix='ga_')
 FLAGS = flags.FLAGS
 
 
-def networks_path(path: str) -> str:
-  return os.path.join(path, 'networks.msgpack') if os.path.isdir(path) else path
-
-
 def configs():
   """(mec, model, params): from the flags, or a trained run with given flags on top."""
   if not FLAGS.networks:
@@ -62,7 +58,7 @@ def configs():
     return mec, cli.from_flags(ModelConfig, max_users=mec.width), None
   from dynn_jax.training import load_networks  # pulls in optax; only needed here
   try:
-    params, trained, model, _ = load_networks(networks_path(FLAGS.networks))
+    params, trained, model, _ = load_networks(FLAGS.networks)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   given = [f.name for f in dataclasses.fields(ModelConfig) if f.name in FLAGS
@@ -101,6 +97,7 @@ def main(argv):
   mec, model, params = configs()
   ga_config = cli.from_flags(GAConfig, prefix='ga_')
   out_dir = output_dir()
+  cli.stop_if_dry_run(mec=mec.to_dict(), suite=FLAGS.suite)
   results = {'device': benchmark.device_info(), 'config': mec.to_dict(),
              'model': model.to_dict(), 'ga': dataclasses.asdict(ga_config),
              'seed': FLAGS.seed}

@@ -8,7 +8,6 @@ dynn_jax.evaluation.METHODS.
 """
 
 import dataclasses
-import os
 
 from absl import app, flags
 
@@ -33,10 +32,6 @@ cli.define_flags(MECConfig)
 FLAGS = flags.FLAGS
 
 
-def networks_path(path: str) -> str:
-  return os.path.join(path, 'networks.msgpack') if os.path.isdir(path) else path
-
-
 def resolve_config(trained: MECConfig) -> MECConfig:
   """The trained system configuration with the explicitly given flags on top."""
   given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(MECConfig)
@@ -55,7 +50,7 @@ def main(argv):
   cli.check_range('slots', FLAGS.slots, 1)
   cli.check_range('chunk', FLAGS.chunk, 1)
   try:
-    params, trained, model, _ = load_networks(networks_path(FLAGS.networks))
+    params, trained, model, _ = load_networks(FLAGS.networks)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   mec = resolve_config(trained)
@@ -82,6 +77,8 @@ def main(argv):
     evaluation.check_methods(names, params, setting)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), methods=list(names),
+                      mode=setting.mode, slots=FLAGS.slots)
   results = evaluation.evaluate(setting, names, params, slots=FLAGS.slots, chunk=FLAGS.chunk,
                                 seed=FLAGS.seed, n_users=FLAGS.n_active)
   print(f'{results["_slots"]} slots, {results["_mode"]} inference delay, '

@@ -46,7 +46,7 @@ FLAGS = flags.FLAGS
 
 def networks_for(case: int) -> reproduce.Networks:
   path = FLAGS[f'networks_case{case}'].value
-  if FLAGS.retrain:
+  if FLAGS.retrain and not FLAGS.dry_run:
     run_dir = os.path.join(FLAGS.results_dir, f'train_case{case}')
     resume = ['--resume'] if os.path.exists(os.path.join(run_dir, 'config.json')) else []
     subprocess.run([sys.executable, 'launch/train.py',
@@ -172,6 +172,8 @@ def main(argv):
                                  FLAGS.allow_other_device)
     except (FileNotFoundError, ValueError) as e:
       raise app.UsageError(str(e)) from None
+  cli.stop_if_dry_run(cases=cases, sweeps=FLAGS.sweeps, slots=FLAGS.slots,
+                      networks={c: n.mec.to_dict() for c, n in nets.items()})
   results_dir = FLAGS.results_dir
   sweeps = reproduce.run_sweeps(nets, results_dir, cases=cases, sweeps=FLAGS.sweeps,
                                 slots=FLAGS.slots, ga_slots=FLAGS.ga_slots, seed=FLAGS.seed,

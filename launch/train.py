@@ -34,6 +34,8 @@ def main(argv):
   if (os.path.exists(os.path.join(FLAGS.run_dir, 'config.json')) and not FLAGS.resume):
     raise app.UsageError(f'{FLAGS.run_dir} already holds a run; pass --resume to continue '
                          'it or choose another --run_dir')
+  cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), train=train.to_dict(),
+                      run_dir=FLAGS.run_dir)
   run = RunDir(FLAGS.run_dir)
   run.write_config({'mec': mec.to_dict(), 'model': model.to_dict(),
                     'train': train.to_dict()}, resume=FLAGS.resume)

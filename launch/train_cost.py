@@ -30,6 +30,8 @@ def main(argv):
   unknown = sorted(set(FLAGS.kinds) - set(cost_study.KINDS))
   if unknown:
     raise app.UsageError(f'--kinds: unknown {unknown}; allowed {list(cost_study.KINDS)}')
+  cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), train=train.to_dict(),
+                      kinds=FLAGS.kinds, bar=FLAGS.bar)
   study = cost_study.run_study(mec, model, train, bar=FLAGS.bar, max_steps=FLAGS.max_steps,
                                eval_slots=FLAGS.study_eval_slots, kinds=tuple(FLAGS.kinds))
   study['config'] = {'mec': mec.to_dict(), 'model': model.to_dict(), 'train': train.to_dict()}

@@ -31,7 +31,7 @@ import json, jax
 import test_evaluation as t
 from dynn_jax.evaluation import Setting, evaluate
 r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), ('pmrl', 'static', 'optimal', 'random', 'local',
-             'ga'), t.random_networks(), slots=512, chunk=128)
+             'ga'), t.random_networks(), slots=256, chunk=128)
 print(json.dumps({'devices': jax.device_count(), 'results': r}))
 """
 
@@ -46,7 +46,7 @@ def test_sharded_over_8_devices_equals_one_device():
   assert sharded['devices'] == 8 and sharded['results']['_devices'] == 8
   single = evaluate(Setting(MEC2, MODEL, MEC2), ('pmrl', 'static', 'optimal', 'random',
                                                  'local', 'ga'),
-                    random_networks(), slots=512, chunk=128)
+                    random_networks(), slots=256, chunk=128)
   assert single['_devices'] == 1
   for method in ('pmrl', 'static', 'optimal', 'random', 'local', 'ga'):
     for metric, value in single[method].items():
