@@ -99,11 +99,21 @@ def importance_weight(slots: Slots, config: MECConfig) -> Array:
   return jnp.where(slots.mask, w, 0.0)
 
 
-def _uniform(key, shape, low, high, dtype, open_low=False):
-  u = jax.random.uniform(key, shape, dtype)
-  if open_low:  # (low, high]: 1 - U[0, 1) never hits low
-    u = 1.0 - u
-  return low + (high - low) * u
+def _unit_halves(key: Array, shape: tuple[int, ...], count: int, dtype) -> list[Array]:
+  """`count` uniform fields on [0, 1], 16 bits each, two per random 32-bit word.
+
+  Random bits bound sampling throughput (threefry); 16-bit resolution is far below
+  any physical meaning here (s: 0.03 bit, d: 2.4 us, l: 8 mm at the defaults), and
+  halving the words drawn doubles the slots sampled per second.
+  """
+  words = jax.random.bits(key, ((count + 1) // 2,) + shape, jnp.uint32)
+  halves = [(w & 0xFFFF) for w in words] + [(w >> 16) for w in words]
+  return [h.astype(dtype) / 65535.0 for h in halves[:count]]
+
+
+def _open_low(u: Array) -> Array:
+  """[0, 1] grid -> (0, 1]: the lowest level becomes the smallest step above 0."""
+  return jnp.maximum(u, 1.0 / 65535.0)
 
 
 def sample_slots(key: Array, config: MECConfig, batch: int | None = None,
@@ -115,17 +125,17 @@ def sample_slots(key: Array, config: MECConfig, batch: int | None = None,
   """
   dtype = dtype or jnp.zeros(()).dtype  # float64 under jax_enable_x64
   shape = (config.width,) if batch is None else (batch, config.width)
-  ks, kc, kd, kl, kf = jax.random.split(key, 5)
   n = config.n_users if n_users is None else n_users
   mask = jnp.broadcast_to(jnp.arange(config.width) < n, shape)
-  s = _uniform(ks, shape, 0.0, config.s_max, dtype, open_low=True)
-  c = _uniform(kc, shape, 0.0, config.c_max, dtype, open_low=True)
-  d = _uniform(kd, shape, config.d_min, config.d_max, dtype)
-  l = _uniform(kl, shape, config.dist_min, config.dist_max, dtype)
+  u = _unit_halves(key, shape, 4 if config.case == 1 else 5, dtype)
+  s = config.s_max * _open_low(u[0])
+  c = config.c_max * _open_low(u[1])
+  d = config.d_min + (config.d_max - config.d_min) * u[2]
+  l = config.dist_min + (config.dist_max - config.dist_min) * u[3]
   if config.case == 1:
     f_loc = jnp.zeros(shape, dtype)
   else:
-    f_loc = _uniform(kf, shape, config.f_loc_min, config.f_loc_max, dtype)
+    f_loc = config.f_loc_min + (config.f_loc_max - config.f_loc_min) * u[4]
   zero = jnp.zeros((), dtype)
   pad = lambda a: jnp.where(mask, a, zero)
   # Padded users get harmless finite values so that no formula sees 0/0 or l = 0.
