@@ -67,9 +67,8 @@ class Setting:
     return 'modelled' if self.delay is None else 'measured'
 
 
-METHODS_CASE1 = ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
-                 'equal_split', 'ga')
-METHODS_CASE2 = ('pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local', 'exhaustive', 'ga')
+# Methods that decide offloading and so need case 2 (users with CPUs).
+OFFLOADING_METHODS = ('random', 'local', 'exhaustive')
 NEEDS = {'policy_moe': ('allocator', 'policy'), 'pmrl': ('allocator', 'policy', 'scheduler'),
          'fix_width': ('allocator', 'policy'), 'fix_depth': ('allocator', 'policy'),
          'fix_moe': ('allocator',), 'static': ('static',)}
@@ -188,38 +187,42 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
 }
 
 
+def _problem(name: str, params: Params, mec: MECConfig) -> str | None:
+  """Why `name` cannot run with these networks on this system, or None."""
+  if name == 'pmrl' and mec.case != 2:
+    return "method 'pmrl' is the case-2 pipeline; use 'policy_moe' in case 1"
+  if name in OFFLOADING_METHODS and mec.case != 2:
+    return f'method {name!r} decides offloading: it needs case 2'
+  if name == 'exhaustive' and mec.width > 12:
+    return f"method 'exhaustive' needs N_max <= 12, got {mec.width}"
+  needs = NEEDS.get(name, ())
+  if needs and mec.case == 2:  # every network pipeline offloads with the scheduler
+    needs = needs + ('scheduler',) * ('scheduler' not in needs)
+  missing = [n for n in needs if getattr(params, n) is None]
+  if missing:
+    return f'method {name!r} needs trained {missing}; train them first'
+  return None
+
+
 def check_methods(names, params: Params, setting: Setting) -> None:
   """Unknown names, missing networks and impossible choices fail before any work."""
   unknown = [name for name in names if name not in METHODS]
   if unknown:
     raise ValueError(f'unknown method(s) {unknown}; known: {sorted(METHODS)}')
   for name in names:
-    missing = [n for n in NEEDS.get(name, ()) if getattr(params, n) is None]
-    if name == 'pmrl' and setting.mec.case == 1:
-      missing = [n for n in missing if n != 'scheduler']
-    if missing:
-      raise ValueError(f'method {name!r} needs trained {missing}; train them first')
-    if name in ('pmrl',) and setting.mec.case != 2:
-      raise ValueError("method 'pmrl' is the case-2 pipeline; use 'policy_moe' in case 1")
-    if name in METHODS_CASE2 and name in ('random', 'local', 'exhaustive') and (
-        setting.mec.case != 2):
-      raise ValueError(f'method {name!r} decides offloading: it needs case 2')
-    if name == 'exhaustive' and setting.mec.width > 12:
-      raise ValueError(f"method 'exhaustive' needs N_max <= 12, got {setting.mec.width}")
+    problem = _problem(name, params, setting.mec)
+    if problem:
+      raise ValueError(problem)
 
 
 def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:
+  """The paper's comparison for the case, less what these networks cannot run."""
   if mec.case == 1:
-    names = ['policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
-             'equal_split']
+    names = ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
+             'equal_split')
   else:
-    names = ['pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local']
-  needs_policy = ('policy_moe', 'fix_width', 'fix_depth', 'pmrl')
-  return tuple(n for n in names
-               if not (n in needs_policy and params.policy is None)
-               and not (n == 'pmrl' and params.scheduler is None)
-               and not (n == 'static' and params.static is None)
-               and not (n == 'fix_moe' and mec.case == 2 and params.scheduler is None))
+    names = ('pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local')
+  return tuple(n for n in names if _problem(n, params, mec) is None)
 
 
 METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_delay',
