@@ -5,7 +5,8 @@ For each network kind ('full': every (k, l); 'width': every k at depth L; 'depth
 every l at width K) and each schedule, we train until every sub-network of that kind
 is within `bar` of the optimal allocation's weighted delay on held-out slots, and
 record the steps and the training wall time: quality checks excluded, and compilation
-excluded (see `_without_compile`; the time with compilation is recorded too).
+excluded (see `_without_compile`; the time with compilation is recorded too). Per-step
+cost is the same for every schedule, so the steps are the load-independent measure.
 
 Progressive shrinking here is quality-driven: each stage runs until its own
 sub-networks reach the bar, then the next stage starts from its weights:
@@ -60,7 +61,8 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
   x = held_out.mask
   optimum = optimal_weighted_delay(held_out, x, mec)
   gaps_fn = jax.jit(subnetwork_gaps, static_argnums=(0, 1))
-  params, steps, seconds, seconds_with_compile, reached = None, 0, 0.0, 0.0, True
+  params, steps, reached = None, 0, True
+  chunks = []  # per stage: (steps, [seconds of each chunk]); a stage's first chunk compiles
   history = []
   for dynamic, target in _stages(kind, schedule):
     if target == 'top':
@@ -84,28 +86,31 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
       return worst <= bar
 
     name = f'{schedule}_{kind}_{target}'
+    start_step = steps
     params = train_allocator(mec, model, stage, params=params, name=name, on_chunk=check)
     steps = history[-1]['step'] if history else steps
-    seconds_with_compile += sum(chunk_seconds)
-    seconds += sum(_without_compile(chunk_seconds))
+    chunks.append((steps - start_step, chunk_seconds))
     if history and history[-1]['worst_gap'] > bar:
       reached = False
       break
   return {'kind': kind, 'schedule': schedule, 'reached': reached, 'steps': steps,
-          'seconds': seconds, 'seconds_with_compile': seconds_with_compile,
-          'history': history}
+          'seconds': _without_compile(chunks),
+          'seconds_with_compile': sum(sum(c) for _, c in chunks), 'history': history}
 
 
-def _without_compile(chunk_seconds: list[float]) -> list[float]:
-  """A stage's first chunk also compiles it: count it as the stage's median chunk.
+def _without_compile(chunks: list[tuple[int, list[float]]]) -> float:
+  """Training seconds with each stage's first chunk (which also compiles) counted at the
+  median seconds per chunk of the run's other chunks.
 
-  Every schedule computes every expert each step, so per-step cost is the same for
-  all; compile counts differ (progressive has a compile per stage) and would otherwise
+  Every schedule computes every expert at each step, so a step costs the same in all;
+  the number of compiles differs (one per progressive stage) and would otherwise
   dominate short stages.
   """
-  if len(chunk_seconds) < 2:
-    return chunk_seconds
-  return [float(np.median(chunk_seconds[1:]))] + chunk_seconds[1:]
+  later = [t for _, times in chunks for t in times[1:]]
+  if not later:
+    return sum(sum(times) for _, times in chunks)
+  per_chunk = float(np.median(later))
+  return sum(per_chunk + sum(times[1:]) for _, times in chunks if times)
 
 
 def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: float = 0.15,

@@ -105,3 +105,11 @@ def test_case2_pipeline_trains_every_network():
   assert all(p is not None for p in params)
   for leaf in jax.tree.leaves(params):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_cost_study_counts_compile_once_per_stage_at_the_median():
+  from dynn_jax.cost_study import _without_compile
+  # Two stages; first chunks carry 5 s of compilation, other chunks take 1 s.
+  chunks = [(30, [6.0, 1.0, 1.0]), (10, [5.5])]
+  assert _without_compile(chunks) == 1.0 + 1.0 + 1.0 + 1.0
+  assert _without_compile([(10, [4.0])]) == 4.0  # nothing to compare with: kept
