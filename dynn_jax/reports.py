@@ -71,7 +71,9 @@ def training_summary(mec: MECConfig, model: ModelConfig, train: TrainConfig,
 # ------------------------------------------------------------- reproduction report
 
 def _fmt_ci(metric: dict, scale: float) -> str:
-  return f'{scale * metric["mean"]:.2f} ± {scale * metric["ci95"]:.2f}'
+  mean, ci = scale * metric['mean'], scale * metric['ci95']
+  digits = 2 if abs(mean) >= 1 else 4  # shares and small ratios need more decimals
+  return f'{mean:.{digits}f} ± {ci:.{digits}f}'
 
 
 def sweep_table(points: list[dict], metric: str, scale: float, value_scale: float) -> str:
@@ -93,7 +95,8 @@ def paper_comparison(points: list[dict], paper: dict, metric: str, scale: float)
       continue
     a = scale * points[0]['results'][method][metric]['mean']
     b = scale * points[-1]['results'][method][metric]['mean']
-    lines.append(f'| {method} | {a:.2f} → {b:.2f} | {first:g} → {last:g} |')
+    digits = 2 if max(abs(a), abs(b)) >= 1 else 4
+    lines.append(f'| {method} | {a:.{digits}f} → {b:.{digits}f} | {first:g} → {last:g} |')
   return '\n'.join(lines)
 
 
