@@ -52,7 +52,8 @@ from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBas
 from dynn_jax.evaluation import Params
 from dynn_jax.io import write_bytes_atomic
 from dynn_jax.env import (Slots, compute_delay, importance_weight, local_delay,
-                          normalized_features, sample_slots, transmission_delay)
+                          normalized_features, sample_slots, transmission_delay,
+                          weighted_edge_delay)
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
                              StaticAllocator, all_subnetworks, choose_kl, moe_forward)
 from dynn_jax.runs import Progress, RunDir
@@ -315,18 +316,12 @@ def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
 
 def weighted_delays(out: Allocation, slots: Slots, x: Array, mec: MECConfig) -> Array:
   """Per-slot sum_i w_i (T_tra_i + T_com_i) of an allocator output: [...]."""
-  w = importance_weight(slots, mec)
-  t_tra = transmission_delay(slots.s, out.b_share * mec.b_max, slots.l, mec)
-  t_com = compute_delay(slots.s, slots.c, out.f_share * mec.f_ser)
-  return jnp.where(x & (w > 0), w * (t_tra + t_com), 0.0).sum(-1)
+  return weighted_edge_delay(slots, x, out.b_share * mec.b_max, out.f_share * mec.f_ser, mec)
 
 
 def optimal_weighted_delay(slots: Slots, x: Array, mec: MECConfig) -> Array:
   dec = optimal_allocation(slots, x, mec)
-  w = importance_weight(slots, mec)
-  t_tra = transmission_delay(slots.s, dec.b, slots.l, mec)
-  t_com = compute_delay(slots.s, slots.c, dec.f)
-  return jnp.where(x & (w > 0), w * (t_tra + t_com), 0.0).sum(-1)
+  return weighted_edge_delay(slots, x, dec.b, dec.f, mec)
 
 
 def subnetwork_gaps(model: ModelConfig, mec: MECConfig, params: Any, slots: Slots,
