@@ -172,6 +172,11 @@ def local_delay(slots: Slots) -> Array:
   return safe_div(slots.c * slots.s, slots.f_loc)
 
 
+def local_energy(slots: Slots, config: MECConfig) -> Array:
+  """E_loc_i = mu c_i s_i f_loc_i^2."""
+  return config.mu * slots.c * slots.s * slots.f_loc ** 2
+
+
 def weighted_edge_delay(slots: Slots, x: Array, b: Array, f: Array,
                         config: MECConfig) -> Array:
   """sum_i w_i (T_tra_i + T_com_i) over offloaded real users: [...]."""
@@ -206,7 +211,7 @@ def slot_costs(slots: Slots, decision: Decision, config: MECConfig,
   # where, not x * a + (1 - x) * b: the unused branch may be +inf.
   delay = jnp.where(mask, t_inf + jnp.where(x, t_tra + t_com, t_loc), 0.0)
   e_edge = config.p_tx * t_tra
-  e_loc = config.mu * slots.c * slots.s * slots.f_loc ** 2
+  e_loc = local_energy(slots, config)
   energy = jnp.where(mask, jnp.where(x, e_edge, e_loc), 0.0)
   miss = mask & (delay > slots.d)
   cost = jnp.where(mask, _scaled(config.alpha, delay) + _scaled(config.beta, energy)

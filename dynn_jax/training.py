@@ -51,9 +51,8 @@ from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBas
                              Range, check_choice, check_ranges)
 from dynn_jax.evaluation import Params
 from dynn_jax.io import write_bytes_atomic
-from dynn_jax.env import (Slots, compute_delay, importance_weight, local_delay,
-                          normalized_features, sample_slots, transmission_delay,
-                          weighted_edge_delay)
+from dynn_jax.env import (Slots, edge_delays, importance_weight, local_delay, local_energy,
+                          normalized_features, sample_slots, weighted_edge_delay)
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
                              StaticAllocator, all_subnetworks, choose_kl, moe_forward)
 from dynn_jax.runs import Progress, RunDir
@@ -192,13 +191,17 @@ def sample_offload(key: Array, slots: Slots, fraction_min: float) -> Array:
   return slots.mask & (jax.random.uniform(kx, slots.mask.shape) < q)
 
 
+def output_delays(out: Allocation, slots: Slots, config: MECConfig) -> tuple[Array, Array]:
+  """(T_tra, T_com) of every user under an allocator's shares of the budgets."""
+  return edge_delays(slots, out.b_share * config.b_max, out.f_share * config.f_ser, config)
+
+
 def weighted_parts(out: Allocation, slots: Slots, x: Array, config: MECConfig
                    ) -> tuple[Array, Array]:
   """Mean over slots of sum_i w_i T_tra_i and of sum_i w_i T_com_i (the two losses)."""
   w = importance_weight(slots, config)
   take = x & (w > 0)
-  t_tra = transmission_delay(slots.s, out.b_share * config.b_max, slots.l, config)
-  t_com = compute_delay(slots.s, slots.c, out.f_share * config.f_ser)
+  t_tra, t_com = output_delays(out, slots, config)
   part = lambda t: jnp.where(take, w * t, 0.0).sum(-1).mean()
   return part(t_tra), part(t_com)
 
@@ -345,8 +348,7 @@ def edge_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
                t_inf_edge: Array) -> Array:
   """C_edge_i = alpha (w_i T_inf_edge + T_edge_i) + beta E_edge_i, per user [..., W]."""
   w = importance_weight(slots, mec)
-  t_tra = transmission_delay(slots.s, out.b_share * mec.b_max, slots.l, mec)
-  t_com = compute_delay(slots.s, slots.c, out.f_share * mec.f_ser)
+  t_tra, t_com = output_delays(out, slots, mec)
   cost = mec.alpha * (w * t_inf_edge[..., None] + t_tra + t_com) + mec.beta * mec.p_tx * t_tra
   return jnp.where(x, cost, 0.0)
 
@@ -354,7 +356,7 @@ def edge_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
 def local_costs(slots: Slots, mec: MECConfig, t_inf_loc: Array) -> Array:
   """C_loc_i = alpha (w_i T_inf_loc + T_loc_i) + beta E_loc_i, per user [..., W]."""
   w = importance_weight(slots, mec)
-  energy = mec.mu * slots.c * slots.s * slots.f_loc ** 2
+  energy = local_energy(slots, mec)
   cost = mec.alpha * (w * jnp.asarray(t_inf_loc)[..., None] + local_delay(slots)) + mec.beta * energy
   return jnp.where(slots.mask, cost, 0.0)
 
