@@ -18,18 +18,19 @@ Scratch trains all sub-networks of the kind from random initialisation at once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
-import jax
 import numpy as np
 
 from dynn_jax.config import MECConfig
-from dynn_jax.env import sample_slots
+from dynn_jax.io import cached_json
 from dynn_jax.models import ModelConfig
-from dynn_jax.training import (TrainConfig, optimal_weighted_delay, subnetwork_gaps,
+from dynn_jax.training import (HeldOut, TrainConfig, held_out, subnetwork_gaps,
                                train_allocator)
 
 KINDS = ('full', 'width', 'depth')
+HELD_OUT_SEED = 20_011  # not a training stream: training keys come from fold_in
 
 
 def _kind_mask(kind: str, model: ModelConfig) -> np.ndarray:
@@ -55,18 +56,21 @@ def _stages(kind: str, schedule: str) -> list[tuple[str, np.ndarray | str]]:
 
 
 def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: str,
-                schedule: str, bar: float, max_steps: int, eval_slots: int) -> dict:
-  """Trains one network kind with one schedule until the bar; times the training."""
-  held_out = sample_slots(jax.random.PRNGKey(20_011), mec, eval_slots)
-  x = held_out.mask
-  optimum = optimal_weighted_delay(held_out, x, mec)
-  gaps_fn = jax.jit(subnetwork_gaps, static_argnums=(0, 1))
+                schedule: str, bar: float, max_steps: int, held: HeldOut) -> dict:
+  """Trains one network kind with one schedule until the bar; times the training.
+
+  Besides the steps and seconds, records for every (k, l) the first step at which it
+  was within the bar (`first_at_bar`, -1: never) and which of the kind's sub-networks
+  got there last (`limiting`, 1-based (k, l)): the ones that set the time to the bar.
+  """
+  K, L = model.num_experts, model.max_depth
   params, steps, reached = None, 0, True
   chunks = []  # per stage: (steps, [seconds of each chunk]); a stage's first chunk compiles
-  history = []
+  history, stage_starts = [], []
+  first_at_bar = np.full((K, L), -1)
   for dynamic, target in _stages(kind, schedule):
     if target == 'top':
-      need = np.zeros((model.num_experts, model.max_depth), bool)
+      need = np.zeros((K, L), bool)
       need[-1, -1] = True
       stage = dataclasses.replace(train, schedule='progressive', dynamic='full',
                                   full_steps=max_steps - steps, width_steps=0, depth_steps=0)
@@ -74,14 +78,17 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
       need = _kind_mask(target, model)
       stage = dataclasses.replace(train, schedule='scratch', dynamic=dynamic,
                                   scratch_steps=max_steps - steps)
+    stage_starts.append({'target': str(target), 'step': steps})
     chunk_seconds = []
     clock = {'last': time.perf_counter()}
 
-    def check(step, state, need=need, chunk_seconds=chunk_seconds, clock=clock):
+    def check(step, state, need=need, chunk_seconds=chunk_seconds, clock=clock,
+              start=steps):
       chunk_seconds.append(time.perf_counter() - clock['last'])
-      gaps = np.asarray(gaps_fn(model, mec, state.params, held_out, x, optimum))
+      gaps = np.asarray(subnetwork_gaps(model, mec, state.params, held))
+      first_at_bar[(gaps <= bar) & (first_at_bar < 0)] = start + step
       worst = float(gaps[need].max())
-      history.append({'stage_target': str(target), 'step': steps + step, 'worst_gap': worst})
+      history.append({'stage_target': str(target), 'step': start + step, 'worst_gap': worst})
       clock['last'] = time.perf_counter()  # the quality check is not training time
       return worst <= bar
 
@@ -93,9 +100,18 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
     if history and history[-1]['worst_gap'] > bar:
       reached = False
       break
-  return {'kind': kind, 'schedule': schedule, 'reached': reached, 'steps': steps,
-          'seconds': _without_compile(chunks),
-          'seconds_with_compile': sum(sum(c) for _, c in chunks), 'history': history}
+  return {'kind': kind, 'schedule': schedule, 'seed': train.seed, 'reached': reached,
+          'steps': steps, 'seconds': _without_compile(chunks),
+          'seconds_with_compile': sum(sum(c) for _, c in chunks), 'history': history,
+          'stage_starts': stage_starts, 'first_at_bar': first_at_bar.tolist(),
+          'limiting': _limiting(first_at_bar, _kind_mask(kind, model))}
+
+
+def _limiting(first_at_bar: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+  """1-based (k, l) of the kind's sub-networks that reached the bar last (or never)."""
+  steps = np.where(first_at_bar < 0, np.iinfo(np.int64).max, first_at_bar)
+  steps = np.where(mask, steps, -1)
+  return [[int(k) + 1, int(l) + 1] for k, l in np.argwhere(steps == steps.max())]
 
 
 def _without_compile(chunks: list[tuple[int, list[float]]]) -> float:
@@ -115,16 +131,50 @@ def _without_compile(chunks: list[tuple[int, list[float]]]) -> float:
 
 def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: float = 0.15,
               max_steps: int = 20_000, eval_slots: int = 1024,
-              kinds: tuple[str, ...] = KINDS) -> dict:
+              kinds: tuple[str, ...] = KINDS, seeds: tuple[int, ...] = (0,),
+              cache_dir: str | None = None) -> dict:
+  """Every (kind, schedule, seed) run, and per kind the speedup of progressive shrinking
+  (scratch seconds over progressive seconds, and the same for steps): the median over
+  seeds with its range.
+
+  With `cache_dir`, each finished run is a JSON file there and is read back, not rerun,
+  as long as it was made with the same settings: a killed study resumes.
+  """
+  held = held_out(mec, eval_slots, HELD_OUT_SEED)
+  settings = {'mec': mec.to_dict(), 'model': model.to_dict(), 'bar': bar,
+              'max_steps': max_steps, 'eval_slots': eval_slots}
   results = []
+  for seed in seeds:
+    seeded = dataclasses.replace(train, seed=seed)
+    for kind in kinds:
+      for schedule in ('progressive', 'scratch'):
+        run = lambda: {**time_to_bar(mec, model, seeded, kind, schedule, bar, max_steps,
+                                     held), 'settings': {**settings, 'train': seeded.to_dict()}}
+        if cache_dir is None:
+          results.append(run())
+          continue
+        results.append(cached_json(
+            os.path.join(cache_dir, f'{kind}_{schedule}_seed{seed}.json'), run,
+            f'cost-study run {kind}/{schedule}/seed {seed}',
+            valid=lambda r, s=seeded: r.get('settings') == {**settings, 'train': s.to_dict()}))
+  return {'bar': bar, 'max_steps': max_steps, 'seeds': list(seeds), 'results': results,
+          **_speedups(results, kinds, seeds)}
+
+
+def _speedups(results: list[dict], kinds: tuple[str, ...], seeds: tuple[int, ...]) -> dict:
+  """Per kind: scratch over progressive, in seconds and in steps, across seeds whose two
+  runs both reached the bar (a kind with none is left out)."""
+  out = {'speedup': {}, 'speedup_range': {}, 'step_speedup': {}}
   for kind in kinds:
-    for schedule in ('progressive', 'scratch'):
-      results.append(time_to_bar(mec, model, train, kind, schedule, bar, max_steps,
-                                 eval_slots))
-  speedups = {}
-  for kind in kinds:
-    prog, scratch = (next(r for r in results if r['kind'] == kind and r['schedule'] == s)
-                     for s in ('progressive', 'scratch'))
-    if prog['reached'] and scratch['reached']:
-      speedups[kind] = scratch['seconds'] / prog['seconds']
-  return {'bar': bar, 'max_steps': max_steps, 'results': results, 'speedup': speedups}
+    by_seconds, by_steps = [], []
+    for seed in seeds:
+      prog, scratch = (next(r for r in results if (r['kind'], r['schedule'], r['seed'])
+                            == (kind, s, seed)) for s in ('progressive', 'scratch'))
+      if prog['reached'] and scratch['reached']:
+        by_seconds.append(scratch['seconds'] / prog['seconds'])
+        by_steps.append(scratch['steps'] / prog['steps'])
+    if by_seconds:
+      out['speedup'][kind] = float(np.median(by_seconds))
+      out['speedup_range'][kind] = [float(min(by_seconds)), float(max(by_seconds))]
+      out['step_speedup'][kind] = float(np.median(by_steps))
+  return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -56,3 +56,18 @@ def append_jsonl(path: str, record: dict) -> None:
   with open(path, 'a') as f:
     f.write(line)
     f.flush()
+
+
+def cached_json(path: str, compute: Callable[[], Any], label: str,
+                valid: Callable[[Any], bool] | None = None) -> Any:
+  """The JSON at `path` if it exists (and passes `valid`), else `compute()` written
+  atomically: a killed study resumes without redoing finished parts."""
+  if os.path.exists(path):
+    value = read_json(path, label)
+    if valid is None or valid(value):
+      return value
+    print(f'{label} at {path} was made with other settings: recomputing', flush=True)
+  print(f'computing {label}', flush=True)
+  value = compute()
+  write_json_atomic(path, value)
+  return value

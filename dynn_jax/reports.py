@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from dynn_jax.config import MECConfig
 from dynn_jax.evaluation import Params, Setting, default_methods, evaluate
 from dynn_jax.models import ModelConfig
-from dynn_jax.env import sample_slots
-from dynn_jax.training import (TrainConfig, optimal_weighted_delay, static_gap,
-                               subnetwork_gaps)
+from dynn_jax.training import TrainConfig, held_out, static_gap, subnetwork_gaps
 
 HELD_OUT_SEED = 10_007  # never a training seed's stream: training keys come from fold_in
 
@@ -19,15 +16,12 @@ def quality_gaps(mec: MECConfig, model: ModelConfig, params: Params, slots: int,
                  seed: int = HELD_OUT_SEED) -> dict:
   """Weighted-delay gap to the optimal allocation, every task offloaded, no inference
   delay: [K][L] for the DyNN and one number for the static baseline."""
-  held_out = sample_slots(jax.random.PRNGKey(seed), mec, slots)
-  x = held_out.mask
-  optimum = optimal_weighted_delay(held_out, x, mec)
-  gaps = np.asarray(jax.jit(subnetwork_gaps, static_argnums=(0, 1))(
-      model, mec, params.allocator, held_out, x, optimum))
+  held = held_out(mec, slots, seed)
+  gaps = np.asarray(subnetwork_gaps(model, mec, params.allocator, held))
   out = {'subnetwork_gap': gaps.tolist(), 'full_gap': float(gaps[-1, -1]),
          'worst_gap': float(gaps.max()), 'slots': slots}
   if params.static is not None:
-    out['static_gap'] = float(static_gap(model, mec, params.static, held_out, x, optimum))
+    out['static_gap'] = float(static_gap(model, mec, params.static, held))
   return out
 
 

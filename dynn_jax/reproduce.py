@@ -18,7 +18,7 @@ from dynn_jax import ops
 from dynn_jax.config import MECConfig
 from dynn_jax.env import importance_weight, normalized_features, sample_slots
 from dynn_jax.evaluation import Params, Setting, evaluate
-from dynn_jax.io import read_json, write_json_atomic
+from dynn_jax.io import cached_json
 from dynn_jax.models import ModelConfig, all_subnetworks
 from dynn_jax.training import weighted_delays
 
@@ -54,13 +54,7 @@ def point_path(results_dir: str, name: str) -> str:
 
 def cached(results_dir: str, name: str, compute) -> Any:
   """The point's JSON if it exists, else compute it and write it atomically."""
-  path = point_path(results_dir, name)
-  if os.path.exists(path):
-    return read_json(path, 'result point')
-  print(f'computing point {name}', flush=True)
-  value = compute()
-  write_json_atomic(path, value)
-  return value
+  return cached_json(point_path(results_dir, name), compute, f'point {name}')
 
 
 def sweep_point(nets: Networks, sweep: str, value, methods, slots: int, ga_slots: int,

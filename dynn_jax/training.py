@@ -33,6 +33,7 @@ all users).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -322,23 +323,33 @@ def weighted_delays(out: Allocation, slots: Slots, x: Array, mec: MECConfig) -> 
   return weighted_edge_delay(slots, x, out.b_share * mec.b_max, out.f_share * mec.f_ser, mec)
 
 
-def optimal_weighted_delay(slots: Slots, x: Array, mec: MECConfig) -> Array:
-  dec = optimal_allocation(slots, x, mec)
-  return weighted_edge_delay(slots, x, dec.b, dec.f, mec)
+class HeldOut(NamedTuple):
+  """Fixed evaluation slots, every real user offloaded, and the optimum on each slot."""
+  slots: Slots
+  x: Array
+  optimum: Array  # [B]: optimal allocation's sum_i w_i (T_tra_i + T_com_i)
 
 
-def subnetwork_gaps(model: ModelConfig, mec: MECConfig, params: Any, slots: Slots,
-                    x: Array, optimum: Array) -> Array:
+def held_out(mec: MECConfig, num_slots: int, seed: int) -> HeldOut:
+  slots = sample_slots(jax.random.PRNGKey(seed), mec, num_slots)
+  dec = optimal_allocation(slots, slots.mask, mec)
+  return HeldOut(slots, slots.mask, weighted_edge_delay(slots, slots.mask, dec.b, dec.f, mec))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def subnetwork_gaps(model: ModelConfig, mec: MECConfig, params: Any, held: HeldOut) -> Array:
   """[K, L]: mean weighted delay of each sub-network over the optimum's, minus 1."""
-  out = all_subnetworks(model, {'params': params}, normalized_features(slots, mec), x)
-  wd = weighted_delays(out, slots, x, mec)  # [K, L, B]
-  return wd.mean(-1) / optimum.mean() - 1.0
+  feats = normalized_features(held.slots, mec)
+  out = all_subnetworks(model, {'params': params}, feats, held.x)
+  wd = weighted_delays(out, held.slots, held.x, mec)  # [K, L, B]
+  return wd.mean(-1) / held.optimum.mean() - 1.0
 
 
-def static_gap(model: ModelConfig, mec: MECConfig, params: Any, slots: Slots, x: Array,
-               optimum: Array) -> Array:
-  out = StaticAllocator(model).apply({'params': params}, normalized_features(slots, mec), x)
-  return weighted_delays(out, slots, x, mec).mean() / optimum.mean() - 1.0
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def static_gap(model: ModelConfig, mec: MECConfig, params: Any, held: HeldOut) -> Array:
+  feats = normalized_features(held.slots, mec)
+  out = StaticAllocator(model).apply({'params': params}, feats, held.x)
+  return weighted_delays(out, held.slots, held.x, mec).mean() / held.optimum.mean() - 1.0
 
 
 # ------------------------------------------------------------------- policy

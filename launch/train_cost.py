@@ -16,6 +16,7 @@ flags.DEFINE_float('bar', 0.15, 'Relative gap to the optimum every sub-network m
 flags.DEFINE_integer('max_steps', 20_000, 'Give up on a schedule after this many steps.')
 flags.DEFINE_integer('study_eval_slots', 1024, 'Held-out slots of the quality checks.')
 flags.DEFINE_list('kinds', list(cost_study.KINDS), 'Network kinds: full, width, depth.')
+flags.DEFINE_list('seeds', ['0'], 'Training seeds; each kind and schedule runs once per seed.')
 cli.define_training_flags()
 FLAGS = flags.FLAGS
 
@@ -30,22 +31,39 @@ def main(argv):
   unknown = sorted(set(FLAGS.kinds) - set(cost_study.KINDS))
   if unknown:
     raise app.UsageError(f'--kinds: unknown {unknown}; allowed {list(cost_study.KINDS)}')
+  seeds = _seeds(FLAGS.seeds)
+  cache_dir = os.path.splitext(FLAGS.out)[0] + '_runs'
   cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), train=train.to_dict(),
-                      kinds=FLAGS.kinds, bar=FLAGS.bar)
+                      kinds=FLAGS.kinds, bar=FLAGS.bar, seeds=seeds, cache_dir=cache_dir)
   study = cost_study.run_study(mec, model, train, bar=FLAGS.bar, max_steps=FLAGS.max_steps,
-                               eval_slots=FLAGS.study_eval_slots, kinds=tuple(FLAGS.kinds))
+                               eval_slots=FLAGS.study_eval_slots, kinds=tuple(FLAGS.kinds),
+                               seeds=seeds, cache_dir=cache_dir)
   study['config'] = {'mec': mec.to_dict(), 'model': model.to_dict(), 'train': train.to_dict()}
   write_json_atomic(FLAGS.out, study)
-  print(f'{"kind":8s} {"schedule":12s} {"reached":>8s} {"steps":>7s} {"seconds":>9s}')
+  print(f'{"kind":8s} {"schedule":12s} {"seed":>5s} {"reached":>8s} {"steps":>7s} '
+        f'{"seconds":>9s}  last to the bar (k, l)')
   for r in study['results']:
-    print(f'{r["kind"]:8s} {r["schedule"]:12s} {str(r["reached"]):>8s} {r["steps"]:7d} '
-          f'{r["seconds"]:9.2f}')
+    print(f'{r["kind"]:8s} {r["schedule"]:12s} {r["seed"]:5d} {str(r["reached"]):>8s} '
+          f'{r["steps"]:7d} {r["seconds"]:9.2f}  {r["limiting"]}')
   for kind, speedup in study['speedup'].items():
-    print(f'{kind}: progressive shrinking is {speedup:.2f}x faster than scratch')
+    low, high = study['speedup_range'][kind]
+    print(f'{kind}: progressive shrinking is {speedup:.2f}x as fast as scratch (median '
+          f'over {len(seeds)} seeds, range {low:.2f}-{high:.2f}; '
+          f'{study["step_speedup"][kind]:.2f}x in steps)')
   from dynn_jax import plots
   png = os.path.splitext(FLAGS.out)[0] + '.png'
   plots.training_cost(study, png)
   print(f'wrote {FLAGS.out} and {png}')
+
+
+def _seeds(values: list[str]) -> tuple[int, ...]:
+  try:
+    seeds = tuple(int(v) for v in values)
+  except ValueError:
+    raise app.UsageError(f'--seeds: {values} must be non-negative integers') from None
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise app.UsageError(f'--seeds: {values} must be distinct non-negative integers')
+  return seeds
 
 
 if __name__ == '__main__':

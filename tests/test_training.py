@@ -113,3 +113,37 @@ def test_cost_study_counts_compile_once_per_stage_at_the_median():
   chunks = [(30, [6.0, 1.0, 1.0]), (10, [5.5])]
   assert _without_compile(chunks) == 1.0 + 1.0 + 1.0 + 1.0
   assert _without_compile([(10, [4.0])]) == 4.0  # nothing to compare with: kept
+
+
+def test_cost_study_limiting_subnetworks_are_the_last_or_never_at_the_bar():
+  from dynn_jax.cost_study import _limiting
+  first = np.array([[10, 30], [20, -1]])
+  assert _limiting(first, np.ones((2, 2), bool)) == [[2, 2]]
+  assert _limiting(first, np.array([[True, False], [True, False]])) == [[2, 1]]
+  assert _limiting(np.array([[5, 5], [3, 5]]), np.ones((2, 2), bool)) == [[1, 1], [1, 2], [2, 2]]
+
+
+def test_cost_study_stops_at_the_bar_and_resumes_from_its_cache(tmp_path, monkeypatch):
+  import json
+  from dynn_jax import cost_study
+  mec = MECConfig(n_users=6)
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8)
+  train = TrainConfig(batch=8, steps_per_call=2)
+  kwargs = dict(bar=100.0, max_steps=20, eval_slots=32, kinds=('full',), seeds=(0,),
+                cache_dir=str(tmp_path))
+  study = cost_study.run_study(mec, model, train, **kwargs)
+  prog, scratch = study['results']
+  # A bar every network meets at once: each stage ends after its first chunk.
+  assert scratch['reached'] and scratch['steps'] == 2
+  assert prog['reached'] and prog['steps'] == 6
+  assert [s['step'] for s in prog['stage_starts']] == [0, 2, 4]
+  assert np.all(np.asarray(scratch['first_at_bar']) == 2)
+  assert study['step_speedup']['full'] == pytest.approx(2 / 6)
+
+  def rerun(*args, **kw):
+    raise RuntimeError('a cached run was recomputed')
+  monkeypatch.setattr(cost_study, 'time_to_bar', rerun)
+  again = cost_study.run_study(mec, model, train, **kwargs)
+  assert again['results'] == json.loads(json.dumps(study['results']))
+  with pytest.raises(RuntimeError, match='recomputed'):  # other settings: not reused
+    cost_study.run_study(mec, model, train, **{**kwargs, 'bar': 50.0})
