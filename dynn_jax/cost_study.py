@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from dynn_jax.config import MECConfig
-from dynn_jax.io import cached_json
+from dynn_jax.io import cached_json, read_json
 from dynn_jax.models import ModelConfig
 from dynn_jax.training import (HeldOut, TrainConfig, held_out, subnetwork_gaps,
                                train_allocator)
@@ -178,3 +178,19 @@ def _speedups(results: list[dict], kinds: tuple[str, ...], seeds: tuple[int, ...
       out['speedup_range'][kind] = [float(min(by_seconds)), float(max(by_seconds))]
       out['step_speedup'][kind] = float(np.median(by_steps))
   return out
+
+
+RUN_FIELDS = ('kind', 'schedule', 'seed', 'reached', 'steps', 'seconds', 'history',
+              'stage_starts', 'first_at_bar', 'limiting')
+
+
+def load_study(path: str) -> dict:
+  """A `run_study` JSON, checked to have every field the report reads."""
+  study = read_json(path, 'cost study')
+  missing = [f for f in ('bar', 'results', 'speedup') if f not in study]
+  for i, run in enumerate(study.get('results', [])):
+    missing += [f'results[{i}].{f}' for f in RUN_FIELDS if f not in run]
+  if missing:
+    raise ValueError(f'cost study {path} lacks {", ".join(missing[:5])}: it was made by an '
+                     'older launch/train_cost.py; run it again')
+  return study

@@ -123,3 +123,14 @@ def test_evaluate_refuses_bad_networks_and_methods(tmp_path, tiny_networks):
   for args, message in cases:
     result = run('evaluate.py', '--slots=64', *args, timeout=120)
     assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])
+
+
+def test_reproduce_refuses_a_cost_study_it_cannot_report(tmp_path):
+  old = tmp_path / 'old_cost.json'
+  old.write_text('{"bar": 0.15, "speedup": {}, "results": [{"kind": "full"}]}')
+  result = run('reproduce.py', '--flagfile=launch/flags/reproduce.flags', '--dry_run',
+               f'--cost_study={old}', f'--results_dir={tmp_path / "out"}', timeout=120)
+  assert result.returncode != 0
+  assert 'results[0].schedule' in result.stderr and 'older' in result.stderr, \
+      result.stderr[-1500:]
+  assert not (tmp_path / 'out').exists()
