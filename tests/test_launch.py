@@ -134,3 +134,16 @@ def test_reproduce_refuses_a_cost_study_it_cannot_report(tmp_path):
   assert 'results[0].schedule' in result.stderr and 'older' in result.stderr, \
       result.stderr[-1500:]
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--seeds=0,0'], '--seeds'),
+    (['--seeds=zero'], '--seeds'),
+    (['--kinds=full,sideways'], 'sideways'),
+    (['--bar=-0.1'], '--bar'),
+])
+def test_bad_train_cost_flags_fail_before_work(args, message, tmp_path):
+  out = tmp_path / 'cost.json'
+  result = run('train_cost.py', f'--out={out}', *args, timeout=120)
+  assert result.returncode != 0 and message in result.stderr, result.stderr[-1500:]
+  assert not out.exists() and not (tmp_path / 'cost_runs').exists()
