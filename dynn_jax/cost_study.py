@@ -78,12 +78,13 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
       need = _kind_mask(target, model)
       stage = dataclasses.replace(train, schedule='scratch', dynamic=dynamic,
                                   scratch_steps=max_steps - steps)
-    stage_starts.append({'target': str(target), 'step': steps})
+    start = steps
+    stage_starts.append({'target': str(target), 'step': start})
     chunk_seconds = []
     clock = {'last': time.perf_counter()}
 
     def check(step, state, need=need, chunk_seconds=chunk_seconds, clock=clock,
-              start=steps):
+              start=start):
       chunk_seconds.append(time.perf_counter() - clock['last'])
       gaps = np.asarray(subnetwork_gaps(model, mec, state.params, held))
       first_at_bar[(gaps <= bar) & (first_at_bar < 0)] = start + step
@@ -93,10 +94,9 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
       return worst <= bar
 
     name = f'{schedule}_{kind}_{target}'
-    start_step = steps
     params = train_allocator(mec, model, stage, params=params, name=name, on_chunk=check)
     steps = history[-1]['step'] if history else steps
-    chunks.append((steps - start_step, chunk_seconds))
+    chunks.append((steps - start, chunk_seconds))
     if history and history[-1]['worst_gap'] > bar:
       reached = False
       break
@@ -146,17 +146,18 @@ def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: fl
   results = []
   for seed in seeds:
     seeded = dataclasses.replace(train, seed=seed)
+    run_settings = {**settings, 'train': seeded.to_dict()}
     for kind in kinds:
       for schedule in ('progressive', 'scratch'):
         run = lambda: {**time_to_bar(mec, model, seeded, kind, schedule, bar, max_steps,
-                                     held), 'settings': {**settings, 'train': seeded.to_dict()}}
+                                     held), 'settings': run_settings}
         if cache_dir is None:
           results.append(run())
           continue
         results.append(cached_json(
             os.path.join(cache_dir, f'{kind}_{schedule}_seed{seed}.json'), run,
             f'cost-study run {kind}/{schedule}/seed {seed}',
-            valid=lambda r, s=seeded: r.get('settings') == {**settings, 'train': s.to_dict()}))
+            valid=lambda r, expected=run_settings: r.get('settings') == expected))
   return {'bar': bar, 'max_steps': max_steps, 'seeds': list(seeds), 'results': results,
           **_speedups(results, kinds, seeds)}
 
@@ -180,6 +181,7 @@ def _speedups(results: list[dict], kinds: tuple[str, ...], seeds: tuple[int, ...
   return out
 
 
+STUDY_FIELDS = ('bar', 'results', 'speedup', 'speedup_range', 'step_speedup')
 RUN_FIELDS = ('kind', 'schedule', 'seed', 'reached', 'steps', 'seconds', 'history',
               'stage_starts', 'first_at_bar', 'limiting')
 
@@ -187,7 +189,9 @@ RUN_FIELDS = ('kind', 'schedule', 'seed', 'reached', 'steps', 'seconds', 'histor
 def load_study(path: str) -> dict:
   """A `run_study` JSON, checked to have every field the report reads."""
   study = read_json(path, 'cost study')
-  missing = [f for f in ('bar', 'results', 'speedup') if f not in study]
+  if not isinstance(study, dict):
+    raise ValueError(f'cost study {path} is not a JSON object made by launch/train_cost.py')
+  missing = [f for f in STUDY_FIELDS if f not in study]
   for i, run in enumerate(study.get('results', [])):
     missing += [f'results[{i}].{f}' for f in RUN_FIELDS if f not in run]
   if missing:

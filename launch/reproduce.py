@@ -133,10 +133,10 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
             'in steps | paper |', '|---|---|---|---|']
     for kind in (k for k in cost_study.KINDS if k in cost['speedup']):
       speedup = cost['speedup'][kind]
-      low, high = cost.get('speedup_range', {}).get(kind, (speedup, speedup))
+      low, high = cost['speedup_range'][kind]
       paper_prog, paper_scratch = paper.TRAINING_SECONDS[kind]
       out.append(f'| {kind} | {speedup:.2f}x ({low:.2f}-{high:.2f}) | '
-                 f'{cost.get("step_speedup", {}).get(kind, float("nan")):.2f}x | '
+                 f'{cost["step_speedup"][kind]:.2f}x | '
                  f'{paper_scratch / paper_prog:.2f}x |')
     out.append('')
   out += ['## Why our numbers differ', '', DIFFERENCES]
