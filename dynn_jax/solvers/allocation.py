@@ -58,7 +58,8 @@ def _initial_log_t(target: Array) -> Array:
   return jnp.where(target < 0.0, 0.5 * (target + jnp.log(2.0)), large)
 
 
-def _optimal_bandwidth(ws: Array, k: Array, active: Array, b_max: float) -> Array:
+def _optimal_bandwidth(ws: Array, k: Array, active: Array, b_max: float,
+                       bisection_steps: int = BISECTION_STEPS) -> Array:
   """Bandwidth over one slot's users ([W]); inactive users get 0."""
   dtype = k.dtype
   ws_safe = jnp.where(active, ws, 1.0)
@@ -82,7 +83,7 @@ def _optimal_bandwidth(ws: Array, k: Array, active: Array, b_max: float) -> Arra
     too_much = total > b_max  # bandwidth falls as nu rises
     return jnp.where(too_much, mid, low), jnp.where(too_much, high, mid), u
 
-  low, high, u = jax.lax.fori_loop(0, BISECTION_STEPS, bisect, (low, high, u))
+  low, high, u = jax.lax.fori_loop(0, bisection_steps, bisect, (low, high, u))
   u = _invert_log_psi(0.5 * (low + high) + log_q, u, NEWTON_STEPS_PER_BISECTION)
   b = jnp.where(active, k_safe * jnp.exp(-u), 0.0)
   return b * (b_max / jnp.where(active.any(), b.sum(), 1.0))
@@ -93,22 +94,39 @@ def _proportional(share: Array, total: float) -> Array:
   return jnp.where(s > 0, total * share / jnp.where(s > 0, s, 1.0), 0.0)
 
 
+def weighted_allocation(slots: Slots, offload: Array, tra_weight: Array, com_weight: Array,
+                        config: MECConfig, bisection_steps: int = BISECTION_STEPS) -> Decision:
+  """Exact minimiser of sum_i tra_weight_i T_tra_i + com_weight_i T_com_i over the
+  offloaded users (weights >= 0, broadcastable to [..., W]).
+
+  The compute share is sqrt(com_weight_i c_i s_i) normalised; the bandwidth follows the
+  KKT inversion of the module docstring with w_i s_i replaced by tra_weight_i s_i. A
+  user whose weight is zero gets nothing of that resource. Fewer `bisection_steps`
+  trade accuracy of the multiplier for speed (budgets are still met exactly).
+  """
+  x = jnp.asarray(offload).astype(bool) & slots.mask
+  zero = jnp.zeros_like(slots.s)
+  tra_weight, com_weight = zero + tra_weight, zero + com_weight
+  f = _proportional(jnp.where(x & (com_weight > 0),
+                              jnp.sqrt(com_weight * slots.c * slots.s), 0.0), config.f_ser)
+  k = snr_coefficient(slots.l, config)
+  ws = tra_weight * slots.s
+  solve = lambda ws, k, a: _optimal_bandwidth(ws, k, a, config.b_max, bisection_steps)
+  for _ in range(ws.ndim - 1):
+    solve = jax.vmap(solve)
+  b = solve(ws, k, x & (ws > 0))
+  return Decision(x=x, b=b, f=f)
+
+
 def optimal_allocation(slots: Slots, offload: Array, config: MECConfig) -> Decision:
   """Exact minimiser of the weighted edge delay for the offloading set `offload`.
 
-  Works on any leading batch shape; jit with `config` static.
+  This is the paper's training target, sum_i w_i (T_tra_i + T_com_i), not the objective
+  of `slot_costs` (see `dynn_jax.solvers.objective_allocation` for that). Works on any
+  leading batch shape; jit with `config` static.
   """
-  x = jnp.asarray(offload).astype(bool) & slots.mask
   w = importance_weight(slots, config)
-  active = x & (w > 0)
-  f = _proportional(jnp.where(active, jnp.sqrt(w * slots.c * slots.s), 0.0), config.f_ser)
-  k = snr_coefficient(slots.l, config)
-  ws = w * slots.s
-  solve = lambda ws, k, a: _optimal_bandwidth(ws, k, a, config.b_max)
-  for _ in range(ws.ndim - 1):
-    solve = jax.vmap(solve)
-  b = solve(ws, k, active)
-  return Decision(x=x, b=b, f=f)
+  return weighted_allocation(slots, offload, w, w, config)
 
 
 def equal_split(slots: Slots, offload: Array, config: MECConfig) -> Decision:
