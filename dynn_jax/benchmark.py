@@ -40,7 +40,8 @@ from dynn_jax.io import write_json_atomic
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
                              StaticAllocator, check_inputs, moe_forward, per_slot_apply,
                              per_slot_forward)
-from dynn_jax.solvers import equal_split, optimal_allocation
+from dynn_jax.solvers import (equal_split, objective_allocation, optimal_allocation,
+                              oracle_offload)
 from dynn_jax.solvers.ga import GAConfig, ga_solve
 from dynn_jax.timing import Timing, benchmark, compile_ahead, time_calls
 
@@ -67,8 +68,16 @@ def host_load() -> dict:
   return {'load_1m': one, 'load_5m': five, 'load_15m': fifteen, 'cpu_count': os.cpu_count()}
 
 
+def oracle_solver(config: MECConfig):
+  """The evaluation's `oracle` as a function of the slots (case 1: everyone offloaded)."""
+  if config.case == 1:
+    return lambda slots: objective_allocation(slots, slots.mask, config)
+  return lambda slots: oracle_offload(slots, config)
+
+
 def environment_suite(config: MECConfig, *, batch: int = 100_000, alloc_batch: int = 10_000,
-                      ga_batch: int = 4, ga_config: GAConfig = GAConfig(), seed: int = 0,
+                      ga_batch: int = 4, oracle_batch: int = 1024,
+                      ga_config: GAConfig = GAConfig(), seed: int = 0,
                       min_seconds: float = 1.0) -> dict:
   key = jax.random.PRNGKey(seed)
 
@@ -96,6 +105,10 @@ def environment_suite(config: MECConfig, *, batch: int = 100_000, alloc_batch: i
   results['optimal_allocation_batched'] = {**t.per_item(alloc_batch).to_dict(),
                                            'batch': alloc_batch,
                                            'slots_per_s': t.rate(alloc_batch)}
+  oracle = sample_slots(key, config, oracle_batch)
+  t = benchmark(oracle_solver(config), oracle, min_seconds=min_seconds, min_calls=3)
+  results['oracle_batched'] = {**t.per_item(oracle_batch).to_dict(), 'batch': oracle_batch,
+                               'slots_per_s': t.rate(oracle_batch)}
   for label, b in (('ga_batch1', 1), ('ga_batched', ga_batch)):
     slots = sample_slots(key, config, b)
     t = benchmark(ga, key, slots, min_seconds=min_seconds, min_calls=3)
@@ -395,6 +408,7 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
                              min_calls),
       'equal_split': (lambda s, x: equal_split(s, x, mec), (slots, mask), min_calls),
       'ga': (lambda kk, s: ga_solve(kk, s, mec, ga_config)[0], (key, slots), heavy_min),
+      'oracle': (oracle_solver(mec), (slots,), heavy_min),
   }
   for k in range(1, K + 1):
     for l in range(1, L + 1):
@@ -501,8 +515,9 @@ def latency_table(results: dict, mec: MECConfig, model: ModelConfig) -> dict:
           'static_s': results['static']['median_s'],
           'policy_s': results['policy']['median_s'],
           'scheduler_s': results['scheduler']['median_s'],
-          'solvers_s': {'optimal': results['optimal_allocation']['median_s'],
+          'solvers_s': {'kkt_weighted': results['optimal_allocation']['median_s'],
                         'ga': results['ga']['median_s'],
+                        'oracle': results['oracle']['median_s'],
                         'equal_split': results['equal_split']['median_s']},
           'dispatch_floor_s': results['dispatch_floor']['median_s'],
           'fit': {k: results['fit'][k] for k in ('seconds_per_op', 'overhead_s', 'r2')},

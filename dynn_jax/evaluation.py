@@ -34,7 +34,8 @@ from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slo
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
                              allocate, option_to_kl)
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
-                              optimal_allocation, random_offload)
+                              joint_objective_bound, objective_allocation, objective_bound,
+                              optimal_allocation, oracle_offload, random_offload)
 
 Array = jax.Array
 
@@ -165,6 +166,24 @@ def _ga(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   return Outcome(decision, own, own, _zeros(slots))
 
 
+def _oracle(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  """The best decision found for the objective itself: case 1 everyone offloaded with
+  `objective_allocation`, case 2 also the offloading set (`oracle_offload`)."""
+  own = _zeros(slots) if setting.delay is None else setting.delay.solver('oracle', _zeros(slots))
+  if setting.mec.case == 1:
+    decision = objective_allocation(slots, slots.mask, setting.mec, own)
+  else:
+    decision = oracle_offload(slots, setting.mec, own, own)
+  return Outcome(decision, own, own, _zeros(slots))
+
+
+def lower_bound(setting: Setting, slots: Slots) -> Array:
+  """A lower bound of every method's slot objective (no inference delay): [...]."""
+  if setting.mec.case == 1:
+    return objective_bound(slots, slots.mask, setting.mec)
+  return joint_objective_bound(slots, setting.mec)
+
+
 def _exhaustive(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   own = _zeros(slots)
   return Outcome(exhaustive_search(slots, setting.mec, own, own), own, own, own)
@@ -177,12 +196,13 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'fix_depth': _moe_method('depth', True),
     'fix_moe': _moe_method('none', False),
     'static': _static,
-    'optimal': _solver_method('optimal', _everyone, optimal_allocation),
+    'kkt_weighted': _solver_method('kkt_weighted', _everyone, optimal_allocation),
     'equal_split': _solver_method('equal_split', _everyone, equal_split),
-    'random': _solver_method('optimal', lambda key, s: random_offload(key, s),
+    'random': _solver_method('kkt_weighted', lambda key, s: random_offload(key, s),
                              optimal_allocation),
     'local': _solver_method('local', lambda key, s: all_local(s), equal_split),
     'ga': _ga,
+    'oracle': _oracle,
     'exhaustive': _exhaustive,
 }
 
@@ -218,13 +238,15 @@ def check_methods(names, params: Params, setting: Setting) -> None:
 def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:
   """The paper's comparison for the case, less what these networks cannot run."""
   if mec.case == 1:
-    names = ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal',
-             'equal_split')
+    names = ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'kkt_weighted',
+             'equal_split', 'oracle')
   else:
-    names = ('pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local')
+    names = ('pmrl', 'fix_moe', 'static', 'kkt_weighted', 'random', 'local', 'oracle')
   return tuple(n for n in names if _problem(n, params, mec) is None)
 
 
+# Results key of the objective's lower bound (present when 'oracle' runs).
+BOUND = '_bound'
 METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_delay',
            'inference_share', 'ops', 'offload_ratio')
 
@@ -257,6 +279,9 @@ def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Par
   if mesh is not None:
     slots = jax.lax.with_sharding_constraint(slots, NamedSharding(mesh, P('batch')))
   out = {}
+  if 'oracle' in names:  # the yardstick's yardstick: how far the oracle itself may be
+    bound = lower_bound(setting, slots)
+    out[BOUND] = {'objective': (bound.sum(), (bound * bound).sum())}
   for i, name in enumerate(names):
     outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), slots, params)
     metrics = _slot_metrics(setting, outcome, slots)

@@ -6,7 +6,7 @@ padded width W, for one model configuration:
   {"format": 1, "device": {"platform", "device_kind", "jax_version", ...},
    "n_users": W, "model": ModelConfig fields,
    "allocator_s": [[...L] x K], "static_s", "policy_s", "scheduler_s",
-   "solvers_s": {"optimal": ..., "ga": ..., "equal_split": ...}, "dispatch_floor_s",
+   "solvers_s": {"kkt_weighted": ..., "oracle": ..., "ga": ..., "equal_split": ...}, "dispatch_floor_s",
    "fit": {"seconds_per_op", "overhead_s"}}
 
 It is versioned by device: loading it on another platform, device kind or jax version

@@ -23,3 +23,6 @@ MODEL_SIZE = {'without_inference_depth1': (19.12, 18.60),
               'with_inference_depth3_k2': 18.61, 'with_inference_depth3_k10': 19.11}
 # Fig. 12: training wall time (s), progressive shrinking vs from scratch.
 TRAINING_SECONDS = {'full': (29.5, 75.5), 'width': (11.0, 47.0), 'depth': (11.0, 12.5)}
+# Table I: the allocation network's dynamic part (experts) and fixed part.
+TABLE_ONE = {'dynamic ops': 5.126e6, 'dynamic parameters': 87.04e3, 'fixed ops': 0.302e6,
+             'fixed parameters': 7.291e3}

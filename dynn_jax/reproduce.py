@@ -33,12 +33,20 @@ SWEEPS = {
             'server CPU (GHz)', 1e-9),
     'data_large': ('s_avg', [3000.0, 4000.0, 5000.0, 6000.0, 7000.0, 8000.0, 9000.0, 10000.0],
                    'mean data size (kbit)', 1e-3),
+    # Beyond the paper: the weight of a miss decides which yardstick wins (SPEC section 7).
+    'delta': ('delta', [0.0, 0.005, 0.01, 0.02, 0.05, 0.1], 'miss weight delta', 1.0),
 }
 METHODS = {
-    1: ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'optimal', 'equal_split'),
-    2: ('pmrl', 'fix_moe', 'static', 'optimal', 'random', 'local'),
+    1: ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'kkt_weighted', 'equal_split',
+        'oracle'),
+    2: ('pmrl', 'fix_moe', 'static', 'kkt_weighted', 'random', 'local', 'oracle'),
 }
 LARGE_DATA_METHODS = ('policy_moe', 'fix_moe', 'static')
+# The objective-trained networks' methods, stored as OBJECTIVE_PREFIX + name.
+OBJECTIVE_METHODS = {1: ('policy_moe', 'fix_moe', 'static'), 2: ('pmrl', 'fix_moe', 'static')}
+OBJECTIVE_PREFIX = 'obj_'
+CASE_SWEEPS = {1: ('data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'),
+               2: ('data', 'workload', 'tasks', 'cpu')}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +66,21 @@ def cached(results_dir: str, name: str, compute) -> Any:
 
 
 def sweep_point(nets: Networks, sweep: str, value, methods, slots: int, ga_slots: int,
-                seed: int, delay=None) -> dict:
+                seed: int, delay=None, objective: Networks | None = None,
+                objective_methods=()) -> dict:
+  """Every method at one value of the sweep, on the same slots; the objective-trained
+  networks' methods (if given) run on those slots too, under OBJECTIVE_PREFIX."""
   field, _, _, _ = SWEEPS[sweep]
   mec = nets.mec if field == 'n_active' else nets.mec.replace(**{field: value})
   n_users = value if field == 'n_active' else None
   setting = Setting(mec=mec, model=nets.model, feature_config=nets.mec, delay=delay)
   out = evaluate(setting, methods, nets.params, slots=slots, seed=seed, n_users=n_users)
+  if objective is not None and objective_methods:
+    obj_setting = Setting(mec=mec, model=objective.model, feature_config=objective.mec,
+                          delay=delay)
+    theirs = evaluate(obj_setting, objective_methods, objective.params, slots=slots,
+                      seed=seed, n_users=n_users)
+    out.update({OBJECTIVE_PREFIX + name: theirs[name] for name in objective_methods})
   if ga_slots:
     ga = evaluate(setting, ('ga',), nets.params, slots=ga_slots, seed=seed, n_users=n_users)
     out['ga'] = ga['ga']
@@ -106,19 +123,24 @@ def sweep_values(sweep: str, points: int | None = None) -> list:
 
 
 def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
-               ga_slots: int, seed: int, delay=None, points_per_sweep: int | None = None
-               ) -> dict:
+               ga_slots: int, seed: int, delay=None, points_per_sweep: int | None = None,
+               objective: dict[int, Networks] | None = None) -> dict:
+  """Every requested sweep of every case (`CASE_SWEEPS` says which a case has); with
+  `objective` networks their pipeline runs beside the paper's at every point."""
   out = {}
+  objective = objective or {}
   for case in cases:
     for sweep in sweeps:
-      if sweep == 'data_large' and case != 1:
+      if sweep not in CASE_SWEEPS[case]:
         continue
-      methods = LARGE_DATA_METHODS if sweep == 'data_large' else METHODS[case]
+      large = sweep == 'data_large'
+      methods = LARGE_DATA_METHODS if large else METHODS[case]
+      obj_methods = (('policy_moe',) if large else OBJECTIVE_METHODS[case])
       points = []
       for value in sweep_values(sweep, points_per_sweep):
         name = f'case{case}_{sweep}_{value:g}'
         points.append(cached(results_dir, name, lambda: sweep_point(
-            nets[case], sweep, value, methods, slots,
-            0 if sweep == 'data_large' else ga_slots, seed, delay)))
+            nets[case], sweep, value, methods, slots, 0 if large else ga_slots, seed, delay,
+            objective.get(case), obj_methods)))
       out[f'case{case}_{sweep}'] = points
   return out

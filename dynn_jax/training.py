@@ -52,16 +52,18 @@ from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBas
                              Range, check_choice, check_ranges)
 from dynn_jax.evaluation import Params
 from dynn_jax.io import write_bytes_atomic
-from dynn_jax.env import (Slots, edge_delays, importance_weight, local_delay, local_energy,
-                          normalized_features, sample_slots, weighted_edge_delay)
+from dynn_jax.env import (Decision, Slots, edge_delays, importance_weight, local_delay,
+                          local_energy, normalized_features, sample_slots, weighted_edge_delay)
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
                              StaticAllocator, all_subnetworks, choose_kl, moe_forward)
 from dynn_jax.runs import Progress, RunDir
-from dynn_jax.solvers import optimal_allocation
+from dynn_jax.solvers import equal_split, optimal_allocation
+from dynn_jax.solvers.objective import edge_user_costs, local_user_costs, resource_prices
 
 Array = jax.Array
 
 SCHEDULES = ('progressive', 'scratch')
+LOSSES = ('paper', 'objective')
 DYNAMIC = ('full', 'width', 'depth')
 
 
@@ -72,6 +74,7 @@ _TRAIN_RANGES = {
                                            'scratch_steps', 'static_steps', 'policy_steps',
                                            'joint_steps')},
     'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
+    'miss_temperature_start': POSITIVE, 'miss_temperature_end': POSITIVE,
     'offload_fraction_min': Range(0.0, 1.0, False, True),
     **{name: POSITIVE for name in ('size_scale_min', 'size_scale_max', 'workload_scale_min',
                                    'workload_scale_max')},
@@ -106,11 +109,19 @@ class TrainConfig(ConfigBase):
   workload_scale_min: float = 1.0
   workload_scale_max: float = 1.0
   eval_slots: int = 2048            # held-out slots for the final report
+  # 'paper': SPEC section 4's weighted-delay losses; 'objective': the slot objective of
+  # SPEC section 1 (see the module docstring).
+  loss: str = 'paper'
+  # Relative temperature of the smoothed miss indicator sigmoid((T - d) / (tau d)) in the
+  # 'objective' loss, annealed geometrically from start to end over each allocator phase.
+  miss_temperature_start: float = 0.3
+  miss_temperature_end: float = 0.01
 
   def __post_init__(self):
     check_ranges(self, _TRAIN_RANGES)
     check_choice(self, 'schedule', SCHEDULES)
     check_choice(self, 'dynamic', DYNAMIC)
+    check_choice(self, 'loss', LOSSES)
     for kind in ('size', 'workload'):
       low, high = getattr(self, f'{kind}_scale_min'), getattr(self, f'{kind}_scale_max')
       if high < low:
@@ -255,9 +266,45 @@ def _scan_chunk(step_fn: Callable, key: Array):
 # ------------------------------------------------------------------- allocation
 
 
+def miss_temperature(step: Array, total: int, train: TrainConfig) -> Array:
+  """Geometric anneal from miss_temperature_start (step 0) to _end (the last step)."""
+  progress = jnp.clip(step / max(total - 1, 1), 0.0, 1.0)
+  ratio = train.miss_temperature_end / train.miss_temperature_start
+  return train.miss_temperature_start * ratio ** progress
+
+
+def pipeline_edge_delay(model: ModelConfig, mec: MECConfig, k, l, x: Array, slots: Slots,
+                        static: bool) -> Array:
+  """Modelled T_inf_edge [...] of the pipeline that runs this allocator (with a policy
+  for the DyNN), as the evaluation counts it."""
+  n_off, n_users = x.sum(-1), slots.mask.sum(-1)
+  if static:
+    return ops.static_inference_delays(model, mec, n_off, n_users).edge
+  return ops.inference_delays(model, mec, k, l, n_off, n_users).edge
+
+
+def objective_loss(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
+                   t_inf_edge: Array, temperature: Array) -> Array:
+  """Mean over slots of the smoothed slot objective of the offloaded users, each slot
+  relative to its equal split's objective.
+
+  Training slots span a range of sizes (TrainConfig.size_scale_*) and a slot's objective
+  grows with its tasks: unscaled, the largest slots would set every gradient. Relative
+  to a fixed per-slot reference every slot counts alike, and the minimiser per slot is
+  unchanged.
+  """
+  b, f = out.b_share * mec.b_max, out.f_share * mec.f_ser
+  cost = edge_user_costs(slots, x, b, f, mec, t_inf_edge, temperature).sum(-1)
+  equal = equal_split(slots, x, mec)
+  reference = edge_user_costs(slots, x, equal.b, equal.f, mec, t_inf_edge).sum(-1)
+  return (cost / jnp.maximum(jax.lax.stop_gradient(reference), 1e-30)).mean()
+
+
 def allocator_step(apply: Callable, tx: optax.GradientTransformation, mec: MECConfig,
-                   train: TrainConfig, model: ModelConfig, dynamic: bool):
-  """One two-update step of SPEC section 4; `apply(params, feats, x, k, l, key)`."""
+                   train: TrainConfig, model: ModelConfig, dynamic: bool, total: int = 1):
+  """One step of SPEC section 4 (two updates; `train.loss == 'paper'`) or one update on
+  the smoothed objective ('objective', temperature annealed over `total` steps);
+  `apply(params, feats, x, k, l, key)`."""
   def step(state: TrainState, key: Array):
     ks, kx, kkl, kn = jax.random.split(key, 4)
     slots = training_slots(ks, mec, train)
@@ -268,10 +315,20 @@ def allocator_step(apply: Callable, tx: optax.GradientTransformation, mec: MECCo
     else:
       k = l = None
 
+    params, opt_state = state.params, state.opt_state
+    if train.loss == 'objective':
+      t_inf = pipeline_edge_delay(model, mec, k, l, x, slots, static=not dynamic)
+      temperature = miss_temperature(state.step, total, train)
+      value, grads = jax.value_and_grad(lambda p: objective_loss(
+          apply(p, feats, x, k, l, kn), slots, x, mec, t_inf, temperature))(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return (TrainState(params, opt_state, state.step + 1),
+              {'loss_objective': value, 'miss_temperature': temperature})
+
     def loss(params, which):
       return weighted_parts(apply(params, feats, x, k, l, kn), slots, x, mec)[which]
 
-    params, opt_state = state.params, state.opt_state
     metrics = {}
     for which, name in ((0, 'loss_tra'), (1, 'loss_com')):
       value, grads = jax.value_and_grad(loss)(params, which)
@@ -309,9 +366,9 @@ def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
   tx = optax.adam(train.alloc_lr)
   state = TrainState(params, tx.init(params), jnp.int32(0))
   apply = static_apply(model) if static else moe_apply(model)
-  step = allocator_step(apply, tx, mec, train, model, dynamic=not static)
-  chunk = _scan_chunk(step, jax.random.fold_in(key, 1))
   total = train.static_steps if static else train.alloc_steps
+  step = allocator_step(apply, tx, mec, train, model, dynamic=not static, total=total)
+  chunk = _scan_chunk(step, jax.random.fold_in(key, 1))
   return _chunked_phase(name, run, state, total, train, chunk, on_chunk).params
 
 
@@ -379,13 +436,24 @@ def modelled_delay_table(model: ModelConfig, mec: MECConfig, x: Array, slots: Sl
   return table.edge, jnp.broadcast_to(table.loc, table.edge.shape)[..., 0, 0]
 
 
+def user_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig, t_inf_edge: Array,
+               loss: str) -> Array:
+  """Per-user edge cost [..., W] of an allocator output: SPEC section 4's C_edge
+  ('paper') or the user's hard share of the slot objective ('objective')."""
+  if loss == 'paper':
+    return edge_costs(out, slots, x, mec, t_inf_edge)
+  return edge_user_costs(slots, x, out.b_share * mec.b_max, out.f_share * mec.f_ser, mec,
+                         t_inf_edge)
+
+
 def policy_labels(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
-                  x: Array, delay_table: Callable = modelled_delay_table) -> Array:
-  """Option index minimising the mean edge cost over the offloaded users: [...]."""
+                  x: Array, delay_table: Callable = modelled_delay_table,
+                  loss: str = 'paper') -> Array:
+  """Option index minimising the summed edge cost over the offloaded users: [...]."""
   out = all_subnetworks(model, {'params': alloc_params}, normalized_features(slots, mec), x)
   t_edge, _ = delay_table(model, mec, x, slots)          # [B, K, L]
   t_edge = jnp.moveaxis(t_edge, (-2, -1), (0, 1))         # [K, L, B]
-  cost = edge_costs(out, slots, x, mec, t_edge).sum(-1)   # [K, L, B]; mean = sum / n
+  cost = user_costs(out, slots, x, mec, t_edge, loss).sum(-1)   # [K, L, B]
   cost = cost.reshape((model.num_options,) + cost.shape[2:])
   return jnp.argmin(cost, 0)
 
@@ -408,7 +476,7 @@ def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_p
     slots = training_slots(key, mec, train)
     x = slots.mask
     feats = normalized_features(slots, mec)
-    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table)
+    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table, train.loss)
     value, grads = jax.value_and_grad(policy_loss, 1)(policy, state.params, feats, x, labels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return (TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1),
@@ -439,6 +507,21 @@ def counterfactual_shares(out_all: Allocation, x: Array) -> tuple[Array, Array]:
   return share(out_all.b_logits), share(out_all.f_logits)
 
 
+def congestion_costs(cf: Allocation, slots: Slots, x: Array, mec: MECConfig) -> Array:
+  """What each user's edge resources cost the offloaded users [..., W]: its counterfactual
+  bandwidth and CPU at the slot's marginal prices (`resource_prices` under x).
+
+  A user's own edge cost ignores that its share is taken from the others; with the
+  objective as reward, a scheduler that ignores it offloads everyone. Pricing the
+  budgets at their Lagrange multipliers makes each user's reward its marginal effect on
+  the slot objective, to first order.
+  """
+  b, f = cf.b_share * mec.b_max, cf.f_share * mec.f_ser
+  actual = Decision(x=x, b=jnp.where(x, b, 0.0), f=jnp.where(x, f, 0.0))
+  nu_b, nu_f = resource_prices(slots, actual, mec)
+  return jnp.where(slots.mask, nu_b[..., None] * b + nu_f[..., None] * f, 0.0)
+
+
 def joint_step_fn(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
                   delay_table: Callable = modelled_delay_table):
   scheduler, policy = Scheduler(model), Policy(model)
@@ -463,9 +546,15 @@ def joint_step_fn(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_
     out_all = moe_forward(model, alloc_params, feats, slots.mask, k, l)
     b_share, f_share = counterfactual_shares(out_all, x)
     cf = Allocation(out_all.b_logits, out_all.f_logits, b_share, f_share, out_all.gate)
-    c_edge = edge_costs(cf, slots, slots.mask, mec, t_edge)
-    c_loc = local_costs(slots, mec, t_loc)
-    gain = jax.lax.stop_gradient(c_loc - c_edge)     # > 0: offloading is cheaper
+    c_edge = user_costs(cf, slots, slots.mask, mec, t_edge, train.loss)
+    if train.loss == 'paper':
+      gain = local_costs(slots, mec, t_loc) - c_edge     # > 0: offloading is cheaper
+    else:
+      gain = local_user_costs(slots, mec, t_loc) - c_edge - congestion_costs(cf, slots, x, mec)
+      # Every slot counts alike, whatever its task sizes (large tasks have large costs).
+      scale = jnp.where(slots.mask, jnp.abs(gain), 0.0).sum(-1, keepdims=True)
+      gain = gain * (slots.mask.sum(-1, keepdims=True) / jnp.maximum(scale, 1e-30))
+    gain = jax.lax.stop_gradient(gain)
 
     def sched_loss(params):
       prob = sched_prob(params)
@@ -476,7 +565,7 @@ def joint_step_fn(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_
     updates, opt_s = tx_s.update(grads, state.scheduler.opt_state)
     sched = TrainState(optax.apply_updates(state.scheduler.params, updates), opt_s,
                        state.scheduler.step + 1)
-    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table)
+    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table, train.loss)
     loss_p, grads = jax.value_and_grad(policy_loss, 1)(policy, state.policy.params, feats,
                                                        x, labels)
     updates, opt_p = tx_p.update(grads, state.policy.opt_state)
@@ -534,6 +623,11 @@ def save_networks(path: str, params: Params, mec: MECConfig, model: ModelConfig,
              'params': {k: serialization.to_state_dict(v)
                         for k, v in params._asdict().items() if v is not None}}
   write_bytes_atomic(path, serialization.msgpack_serialize(payload))
+
+
+def trained_loss(meta: dict) -> str:
+  """The loss a networks file was trained with (files before `loss` existed: 'paper')."""
+  return meta.get('train', {}).get('loss', 'paper')
 
 
 def load_networks(path: str, expect_mec: MECConfig | None = None,

@@ -34,6 +34,7 @@ flags.DEFINE_integer('seed', 0, 'PRNG seed.')
 flags.DEFINE_integer('batch', 100_000, 'Slots per call for sampling + evaluation.')
 flags.DEFINE_integer('alloc_batch', 10_000, 'Slots per call for the batched exact allocation.')
 flags.DEFINE_integer('ga_batch', 4, 'Slots per call for the batched GA.')
+flags.DEFINE_integer('oracle_batch', 1024, 'Slots per call for the batched oracle.')
 flags.DEFINE_integer('exit_batch', 4096, 'Slots per call for the masked and exit-bucketed '
                      'batched throughput.')
 flags.DEFINE_integer('chunk', 16, 'Slots per call of the exit-bucketed batched path.')
@@ -90,7 +91,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Before anything starts the backend: the CPU client reads it once, at creation.
   jax.config.update('jax_cpu_enable_async_dispatch', FLAGS.cpu_async_dispatch)
-  for name in ('batch', 'alloc_batch', 'ga_batch', 'exit_batch', 'min_calls', 'heavy_calls',
+  for name in ('batch', 'alloc_batch', 'ga_batch', 'oracle_batch', 'exit_batch', 'min_calls', 'heavy_calls',
                'chunk'):
     cli.check_range(name, FLAGS[name].value, 1)
   cli.check_range('min_seconds', FLAGS.min_seconds, 0.0)
@@ -104,6 +105,7 @@ def main(argv):
   if FLAGS.suite in ('env', 'all'):
     results['environment'] = benchmark.environment_suite(
         mec, batch=FLAGS.batch, alloc_batch=FLAGS.alloc_batch, ga_batch=FLAGS.ga_batch,
+        oracle_batch=FLAGS.oracle_batch,
         ga_config=ga_config, seed=FLAGS.seed, min_seconds=FLAGS.min_seconds)
     print(benchmark.format_table(results['environment']))
   if FLAGS.suite in ('exits', 'all'):

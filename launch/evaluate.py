@@ -15,7 +15,7 @@ from dynn_jax import cli, evaluation, latency
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
 from dynn_jax.reports import methods_table
-from dynn_jax.training import load_networks
+from dynn_jax.training import LOSSES, load_networks, trained_loss
 
 flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory holding it.')
 flags.DEFINE_list('methods', None, 'Comma-separated method names (default: the case\'s set).')
@@ -28,6 +28,8 @@ flags.DEFINE_enum('inference_delay', 'modelled', ['modelled', 'measured'],
 flags.DEFINE_string('latency_table', None, 'Measured latency table (launch/benchmark.py).')
 flags.DEFINE_bool('allow_other_device', False, 'Accept a latency table from another device.')
 flags.DEFINE_string('out', None, 'JSON file for the results (written atomically).')
+flags.DEFINE_enum('loss', None, list(LOSSES), 'The loss the networks must have been trained '
+                  'with (default: whichever the file records); a mismatch stops before work.')
 cli.define_flags(MECConfig)
 FLAGS = flags.FLAGS
 
@@ -50,9 +52,13 @@ def main(argv):
   cli.check_range('slots', FLAGS.slots, 1)
   cli.check_range('chunk', FLAGS.chunk, 1)
   try:
-    params, trained, model, _ = load_networks(FLAGS.networks)
+    params, trained, model, meta = load_networks(FLAGS.networks)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
+  loss = trained_loss(meta)
+  if FLAGS.loss is not None and FLAGS.loss != loss:
+    raise app.UsageError(f'{FLAGS.networks} was trained with --loss={loss}; --loss='
+                         f'{FLAGS.loss} asks for networks trained with the other loss')
   mec = resolve_config(trained)
   if mec.width > model.max_users:
     raise app.UsageError(f'--n_users/--n_max give {mec.width} user positions; the networks '
@@ -78,15 +84,16 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), methods=list(names),
-                      mode=setting.mode, slots=FLAGS.slots)
+                      mode=setting.mode, slots=FLAGS.slots, loss=loss)
   results = evaluation.evaluate(setting, names, params, slots=FLAGS.slots, chunk=FLAGS.chunk,
                                 seed=FLAGS.seed, n_users=FLAGS.n_active)
-  print(f'{results["_slots"]} slots, {results["_mode"]} inference delay, '
+  print(f'case {mec.case}, networks {FLAGS.networks} (trained with loss={loss}), '
+        f'{results["_slots"]} slots, {results["_mode"]} inference delay, '
         f'{results["_devices"]} device(s)')
   print(methods_table(results))
   if FLAGS.out:
     write_json_atomic(FLAGS.out, {'config': mec.to_dict(), 'networks': FLAGS.networks,
-                                  'results': results})
+                                  'loss': loss, 'results': results})
     print(f'wrote {FLAGS.out}')
 
 

@@ -16,19 +16,25 @@ import time
 
 from absl import app, flags
 
-from dynn_jax import cli, cost_study, latency, paper, plots, reproduce
+from dynn_jax import cli, cost_study, latency, ops, paper, plots, reproduce
 from dynn_jax.io import write_bytes_atomic, write_json_atomic
-from dynn_jax.reports import ordering_checks, paper_comparison, sweep_table
-from dynn_jax.training import load_networks
+from dynn_jax.reports import (headline_table, objective_gap_table, ordering_checks,
+                              paper_comparison, sweep_table)
+from dynn_jax.training import load_networks, trained_loss
 
 flags.DEFINE_string('results_dir', 'results/reproduce', 'Where points, figures and the '
                     'report go.')
 flags.DEFINE_string('networks_case1', 'checkpoints/paper_case1.msgpack', 'Case-1 networks.')
 flags.DEFINE_string('networks_case2', 'checkpoints/paper_case2.msgpack', 'Case-2 networks.')
-flags.DEFINE_bool('retrain', False, 'Train both cases from launch/flags/paper_case*.flags '
-                  'first (resumable) instead of loading the shipped checkpoints.')
+flags.DEFINE_string('objective_networks_case1', 'checkpoints/objective_case1.msgpack',
+                    'Case-1 networks trained with --loss=objective (empty: skip).')
+flags.DEFINE_string('objective_networks_case2', 'checkpoints/objective_case2.msgpack',
+                    'Case-2 networks trained with --loss=objective (empty: skip).')
+flags.DEFINE_bool('retrain', False, 'Train both cases and both losses from '
+                  'launch/flags/{paper,objective}_case*.flags first (resumable) instead of '
+                  'loading the shipped checkpoints.')
 flags.DEFINE_list('cases', ['1', '2'], 'Cases to reproduce.')
-flags.DEFINE_list('sweeps', ['data', 'workload', 'tasks', 'cpu', 'data_large'],
+flags.DEFINE_list('sweeps', ['data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'],
                   'Sweeps to run (see dynn_jax.reproduce.SWEEPS).')
 flags.DEFINE_integer('points_per_sweep', None, 'Evaluate only this many values of each '
                      'sweep, evenly spaced, both ends kept (default: all).')
@@ -44,18 +50,25 @@ flags.DEFINE_bool('allow_other_device', False, 'Accept a latency table from anot
 FLAGS = flags.FLAGS
 
 
-def networks_for(case: int) -> reproduce.Networks:
-  path = FLAGS[f'networks_case{case}'].value
+def networks_for(case: int, loss: str = 'paper') -> reproduce.Networks | None:
+  prefix = '' if loss == 'paper' else 'objective_'
+  path = FLAGS[f'{prefix}networks_case{case}'].value
+  if not path:
+    return None
   if FLAGS.retrain and not FLAGS.dry_run:
-    run_dir = os.path.join(FLAGS.results_dir, f'train_case{case}')
+    run_dir = os.path.join(FLAGS.results_dir, f'train_{loss}_case{case}')
     resume = ['--resume'] if os.path.exists(os.path.join(run_dir, 'config.json')) else []
     subprocess.run([sys.executable, 'launch/train.py',
-                    f'--flagfile=launch/flags/paper_case{case}.flags',
+                    f'--flagfile=launch/flags/{loss}_case{case}.flags',
                     f'--run_dir={run_dir}', *resume], check=True)
     path = os.path.join(run_dir, 'networks.msgpack')
-  params, mec, model, _ = load_networks(path)
+  params, mec, model, meta = load_networks(path)
   if mec.case != case:
     raise app.UsageError(f'{path} holds case-{mec.case} networks; expected case {case}')
+  if trained_loss(meta) != loss:
+    raise app.UsageError(f'{path} was trained with --loss={trained_loss(meta)}; '
+                         f'--{prefix}networks_case{case} needs networks trained with '
+                         f'--loss={loss}')
   return reproduce.Networks(params, mec, model)
 
 
@@ -73,14 +86,89 @@ def write_csv(path: str, points: list[dict]) -> None:
   write_bytes_atomic(path, buffer.getvalue().encode())
 
 
+OBJ = reproduce.OBJECTIVE_PREFIX
+DELAY_PAIRS = {1: [('policy_moe', 'fix_moe'), ('policy_moe', 'static'), ('policy_moe', 'fix_width'),
+                   ('policy_moe', 'fix_depth')],
+               2: [('pmrl', 'local'), ('pmrl', 'random'), ('pmrl', 'static'),
+                   (OBJ + 'pmrl', 'local'), (OBJ + 'pmrl', 'random')]}
+OBJECTIVE_PAIRS = {
+    1: [('oracle', 'kkt_weighted'), ('oracle', 'equal_split'), ('oracle', 'ga'),
+        (OBJ + 'policy_moe', 'equal_split'), (OBJ + 'policy_moe', 'ga'),
+        (OBJ + 'policy_moe', 'policy_moe'), ('policy_moe', 'equal_split'),
+        ('kkt_weighted', 'equal_split')],
+    2: [('oracle', 'kkt_weighted'), ('oracle', 'ga'), ('oracle', 'random'),
+        ('pmrl', 'local'), ('pmrl', 'random'), (OBJ + 'pmrl', 'local'),
+        (OBJ + 'pmrl', 'random'), (OBJ + 'pmrl', 'pmrl')]}
+
+
+def default_point(points: list[dict], s_avg: float) -> dict | None:
+  """The data sweep's point at the networks' own mean data size, if it was evaluated."""
+  return next((p for p in points if p['value'] == s_avg), None)
+
+
+def table_one(nets: dict, large: list[dict] | None) -> list[str]:
+  """The paper's Table I beside ours, and what the difference in the fixed part does."""
+  if 1 not in nets:
+    return []
+  model, mec = nets[1].model, nets[1].mec
+  n = mec.n_users
+  ours = {'dynamic ops': float(ops.allocation_dynamic_ops(model, model.num_experts,
+                                                          model.max_depth, n)),
+          'dynamic parameters': ops.allocation_dynamic_params(model),
+          'fixed ops': float(ops.allocation_fixed_ops(model, n)),
+          'fixed parameters': ops.allocation_fixed_params(model)}
+  rows = ['| quantity | ours | paper |', '|---|---|---|']
+  for name, value in ours.items():
+    rows.append(f'| {name} | {value:,.0f} | {paper.TABLE_ONE[name]:,.0f} |')
+  extra_s = (paper.TABLE_ONE['fixed ops'] - ours['fixed ops']) * mec.cycles_per_op / mec.f_ser
+  return ['## Model size against the paper\'s Table I', '',
+          f'Full allocation network (K = {model.num_experts}, L = {model.max_depth}, width '
+          f'{model.width}) at N = {n} offloaded users, from `dynn_jax.ops`:', '', *rows, '',
+          'The dynamic part (the experts) matches. The fixed part does not: ours is the gate '
+          '(one linear map of the 11 pooled features, plus its noise kernel in training) and '
+          'two linear heads of one weight vector each, as SPEC section 3 describes them; the '
+          'paper does not describe its gate or heads, and its 7.291 K fixed parameters '
+          'suggest hidden layers there. At the paper\'s fixed part every DyNN pipeline would '
+          f'carry {1e3 * extra_s:.3f} ms more modelled inference delay per slot at '
+          f'f_ser = {mec.f_ser / 1e9:g} GHz.', ''] + fixed_part_effect(large, extra_s)
+
+
+def fixed_part_effect(points: list[dict] | None, extra_s: float) -> list[str]:
+  """Fig. 11's inference share with `extra_s` more inference delay for every user
+  (share' = (share D + extra) / (D + extra) at the mean delay D: an approximation, since
+  the share is a mean of per-slot ratios)."""
+  if not points or FLAGS.latency_table:
+    return []
+  methods = [m for m in ('policy_moe', 'fix_moe') if m in points[0]['results']]
+  rows = ['| mean data size (kbit) | ' + ' | '.join(f'{m}: ours → at the paper\'s fixed part'
+                                                   for m in methods) + ' |',
+          '|---' * (len(methods) + 1) + '|']
+  for p in points:
+    cells = []
+    for m in methods:
+      share = p['results'][m]['inference_share']['mean']
+      delay = p['results'][m]['mean_delay']['mean']
+      cells.append(f'{share:.4f} → {(share * delay + extra_s) / (delay + extra_s):.4f}')
+    rows.append(f'| {p["value"] * 1e-3:g} | ' + ' | '.join(cells) + ' |')
+  return ['Inference share of the total delay (Fig. 11) with that extra fixed delay:', '',
+          *rows, '', f'Paper: {paper.INFERENCE_SHARE}.', '']
+
+
 def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
-           seconds: float) -> str:
+           seconds: float, nets: dict) -> str:
   out = ['# Reproduction report', '',
          f'Inference delay: **{mode}**. Slots per point: {FLAGS.slots} (GA: {FLAGS.ga_slots}). '
-         f'Total time: {seconds:.0f} s. Values are means ± 95% confidence half-widths.', '']
-  pairs = {1: [('policy_moe', 'fix_moe'), ('policy_moe', 'static'), ('policy_moe', 'fix_width'),
-               ('policy_moe', 'fix_depth')],
-           2: [('pmrl', 'local'), ('pmrl', 'random'), ('pmrl', 'static')]}
+         f'Total time: {seconds:.0f} s. Values are means ± 95% confidence half-widths. '
+         f'Methods named `{OBJ}*` are the networks trained with `--loss=objective`; the '
+         'others are trained with the paper\'s losses. `kkt_weighted` is the exact minimiser '
+         'of the paper\'s weighted delay, `oracle` the best solution found of the objective '
+         'itself, `lower bound` a bound no method can beat.', '']
+  for case in (1, 2):
+    point = (default_point(sweeps.get(f'case{case}_data', []), nets[case].mec.s_avg)
+             if case in nets else None)
+    if point is not None:
+      out += [f'## Case {case} at the default point: both pipelines beside the oracle', '',
+              headline_table(point['results']), '']
   for key, points in sweeps.items():
     case = int(key[4])
     sweep = key.split('_', 1)[1]
@@ -88,7 +176,11 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
     out += [f'## Case {case}: {label}', '', f'![{key}]({key}.png)', '',
             '### Mean service delay (ms)', '', sweep_table(points, 'mean_delay', 1e3, value_scale),
             '', '### Deadline-miss ratio (%)', '',
-            sweep_table(points, 'miss_ratio', 100.0, value_scale), '']
+            sweep_table(points, 'miss_ratio', 100.0, value_scale), '',
+            '### Objective per slot', '', sweep_table(points, 'objective', 1.0, value_scale), '']
+    if 'oracle' in points[0]['results']:
+      out += ['### Gap to the oracle on the objective (%)', '',
+              objective_gap_table(points, value_scale), '']
     if key in paper.MEAN_DELAY_MS:
       out += ['### Against the paper: mean delay (ms)', '',
               paper_comparison(points, paper.MEAN_DELAY_MS[key], 'mean_delay', 1e3), '']
@@ -101,8 +193,9 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
               paper_comparison(points, paper.INFERENCE_SHARE, 'inference_share', 1.0), '',
               '### Counted ops actually run (Fig. 10), millions', '',
               sweep_table(points, 'ops', 1e-6, value_scale), '']
-    out += ['### Ordering', '', ordering_checks(points, pairs[case], 'mean_delay'),
-            ordering_checks(points, pairs[case], 'objective'), '']
+    out += ['### Ordering', '', ordering_checks(points, DELAY_PAIRS[case], 'mean_delay'),
+            ordering_checks(points, OBJECTIVE_PAIRS[case], 'objective'), '']
+  out += table_one(nets, sweeps.get('case1_data_large'))
   if model_size:
     out += ['## Model size (Fig. 4)', '', '![model size](model_size.png)', '',
             f'Unit: {model_size["unit"]}; the paper\'s unit is not stated, so compare shapes:'
@@ -153,9 +246,17 @@ DIFFERENCES = """\
 - The GA's own run time counts as inference delay only in measured mode (the paper
   counted seconds of GA run time; ours runs in tens of milliseconds per slot). In
   modelled mode the GA is a quality baseline, not a latency one.
-- The exact allocation ("optimal") minimises the weighted delay for all-offload, not
-  the full objective; it is a lower bound for the allocation networks' weighted delay,
-  not for every metric.
+- `kkt_weighted` (the exact allocation of SPEC section 5) minimises the paper's
+  importance-weighted delay, the target its networks are trained on, not the objective;
+  `oracle` is the best solution we find of the objective itself (for a fixed offloading
+  set within 1% of the enumeration of every rescued set on small N, see
+  `tests/test_objective.py`), and `lower bound` a Lagrangian bound on it. The paper
+  reports neither.
+- The networks trained with `--loss=objective` (`obj_*`) saw delta = 0.01 only; the
+  delta sweep evaluates the same networks at every delta, so it shows how each
+  pipeline's trade-off between delay and misses fares when misses cost more or less,
+  not what a network trained at that delta would do. The objective-trained case-2
+  networks saw data sizes and workloads scaled as in case 1.
 - Networks are trained once and evaluated across each sweep, with features normalised
   by the training ranges; the paper may have retrained per point. Case-1 networks saw
   data sizes scaled by U[0.5, 4] and workloads by U[0.5, 2] in training, so the case-1
@@ -195,6 +296,7 @@ def main(argv):
   cases = [int(c) for c in FLAGS.cases]
   try:
     nets = {case: networks_for(case) for case in cases}
+    objective = {case: networks_for(case, 'objective') for case in cases}
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   delay = None
@@ -215,7 +317,8 @@ def main(argv):
   results_dir = FLAGS.results_dir
   sweeps = reproduce.run_sweeps(nets, results_dir, cases=cases, sweeps=FLAGS.sweeps,
                                 slots=FLAGS.slots, ga_slots=FLAGS.ga_slots, seed=FLAGS.seed,
-                                delay=delay, points_per_sweep=FLAGS.points_per_sweep)
+                                delay=delay, points_per_sweep=FLAGS.points_per_sweep,
+                                objective={c: n for c, n in objective.items() if n})
   for key, points in sweeps.items():
     write_csv(os.path.join(results_dir, f'{key}.csv'), points)
     sweep = key.split('_', 1)[1]
@@ -231,7 +334,7 @@ def main(argv):
   write_json_atomic(os.path.join(results_dir, 'results.json'),
                     {'sweeps': sweeps, 'model_size': model_size, 'cost_study': cost,
                      'mode': mode, 'seconds': seconds})
-  text = report(sweeps, model_size, cost, mode, seconds)
+  text = report(sweeps, model_size, cost, mode, seconds, nets)
   write_bytes_atomic(os.path.join(results_dir, 'report.md'), text.encode())
   print(f'wrote {results_dir}/report.md ({seconds:.0f} s)')
 

@@ -64,7 +64,7 @@ def test_every_exit_timed(launched):
   ops_by_exit = {(e['k'], e['l']): e['ops'] for e in exits}
   assert ops_by_exit[(1, 1)] < ops_by_exit[(3, 2)]
   for name in ('dispatch_floor', 'static', 'scheduler', 'policy', 'optimal_allocation',
-               'equal_split', 'ga', 'batched_masked', 'batched_bucketed'):
+               'equal_split', 'ga', 'oracle', 'batched_masked', 'batched_bucketed'):
     r = results['exits'][name]
     assert r['median_s'] > 0 and r['p10_s'] <= r['median_s'] <= r['p90_s'], name
   bucketed = results['exits']['batched_bucketed']
@@ -79,7 +79,8 @@ def test_table_is_device_versioned(launched, tmp_path):
   table = latency.load_table(path, MODEL, MEC)
   assert len(table.allocator_s) == 3 and len(table.allocator_s[0]) == 2
   assert table.static_s > 0 and table.policy_s > 0 and table.scheduler_s > 0
-  assert {name for name, _ in table.solvers_s} == {'optimal', 'ga', 'equal_split'}
+  assert {name for name, _ in table.solvers_s} == {'kkt_weighted', 'ga', 'equal_split',
+                                                   'oracle'}
   with open(path) as f:
     data = json.load(f)
   data['device']['device_kind'] = 'some other chip'

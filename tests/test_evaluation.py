@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from dynn_jax import MECConfig, optimal_allocation, sample_slots, slot_costs
-from dynn_jax.evaluation import Params, Setting, check_methods, evaluate
+from dynn_jax.evaluation import BOUND, Params, Setting, check_methods, evaluate
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
+from dynn_jax.reports import methods_table, objective_gaps
 from dynn_jax.training import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +31,8 @@ SHARDED_SCRIPT = """
 import json, jax
 import test_evaluation as t
 from dynn_jax.evaluation import Setting, evaluate
-r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), ('pmrl', 'static', 'optimal', 'random', 'local',
-             'ga'), t.random_networks(), slots=256, chunk=128)
+r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), ('pmrl', 'static', 'kkt_weighted', 'random',
+             'local', 'ga'), t.random_networks(), slots=256, chunk=128)
 print(json.dumps({'devices': jax.device_count(), 'results': r}))
 """
 
@@ -44,19 +45,34 @@ def test_sharded_over_8_devices_equals_one_device():
   assert out.returncode == 0, out.stderr[-3000:]
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
   assert sharded['devices'] == 8 and sharded['results']['_devices'] == 8
-  single = evaluate(Setting(MEC2, MODEL, MEC2), ('pmrl', 'static', 'optimal', 'random',
+  single = evaluate(Setting(MEC2, MODEL, MEC2), ('pmrl', 'static', 'kkt_weighted', 'random',
                                                  'local', 'ga'),
                     random_networks(), slots=256, chunk=128)
   assert single['_devices'] == 1
-  for method in ('pmrl', 'static', 'optimal', 'random', 'local', 'ga'):
+  for method in ('pmrl', 'static', 'kkt_weighted', 'random', 'local', 'ga'):
     for metric, value in single[method].items():
       np.testing.assert_allclose(sharded['results'][method][metric]['mean'], value['mean'],
                                  rtol=1e-5, atol=1e-9, err_msg=f'{method} {metric}')
 
 
+@pytest.mark.parametrize('mec', [MECConfig(case=1, n_users=6), MEC2])
+def test_oracle_and_bound_frame_every_method(mec):
+  names = ('kkt_weighted', 'equal_split', 'oracle') + (('random', 'local') if mec.case == 2
+                                                       else ())
+  result = evaluate(Setting(mec, MODEL, mec), names, Params(), slots=128, chunk=128)
+  objective = {name: result[name]['objective']['mean'] for name in names}
+  assert result[BOUND]['objective']['mean'] <= min(objective.values())
+  assert objective['oracle'] <= min(objective.values())
+  gaps = objective_gaps(result)
+  assert gaps['oracle'] == {'oracle': 0.0, 'bound': pytest.approx(
+      objective['oracle'] / result[BOUND]['objective']['mean'] - 1)}
+  table = methods_table(result)
+  assert 'vs oracle %' in table and 'lower bound' in table
+
+
 def test_accumulated_means_equal_a_direct_computation():
   mec = MECConfig(n_users=5)
-  result = evaluate(Setting(mec, MODEL, mec), ('optimal',), Params(), slots=300, chunk=100,
+  result = evaluate(Setting(mec, MODEL, mec), ('kkt_weighted',), Params(), slots=300, chunk=100,
                     seed=3)
   assert result['_slots'] == 300
   objectives = []
@@ -66,10 +82,10 @@ def test_accumulated_means_equal_a_direct_computation():
     objectives.append(np.asarray(slot_costs(slots, optimal_allocation(slots, slots.mask, mec),
                                             mec).objective))
   objectives = np.concatenate(objectives)
-  np.testing.assert_allclose(result['optimal']['objective']['mean'], objectives.mean(),
+  np.testing.assert_allclose(result['kkt_weighted']['objective']['mean'], objectives.mean(),
                              rtol=1e-5)
   half_width = 1.96 * objectives.std(ddof=1) / np.sqrt(300)
-  np.testing.assert_allclose(result['optimal']['objective']['ci95'], half_width, rtol=1e-3)
+  np.testing.assert_allclose(result['kkt_weighted']['objective']['ci95'], half_width, rtol=1e-3)
 
 
 def test_measured_mode_adds_the_table_latency():
@@ -79,11 +95,11 @@ def test_measured_mode_adds_the_table_latency():
 
   def table(full_s):
     return MeasuredTable(allocator_s=((1e-4, 2e-4), (3e-4, full_s)), static_s=5e-4,
-                         policy_s=1e-5, scheduler_s=2e-5, solvers_s=(('optimal', 7e-4),),
+                         policy_s=1e-5, scheduler_s=2e-5, solvers_s=(('kkt_weighted', 7e-4),),
                          device=())
 
   def delay(full_s):
-    r = evaluate(Setting(mec, model, mec, table(full_s)), ('fix_moe', 'optimal'), nets,
+    r = evaluate(Setting(mec, model, mec, table(full_s)), ('fix_moe', 'kkt_weighted'), nets,
                  slots=256, chunk=256)
     assert r['_mode'] == 'measured'
     return r
@@ -91,9 +107,9 @@ def test_measured_mode_adds_the_table_latency():
   a, b = delay(4e-4), delay(1.4e-3)
   np.testing.assert_allclose(b['fix_moe']['mean_delay']['mean'] - a['fix_moe']['mean_delay']['mean'],
                              1e-3, rtol=1e-4)
-  modelled = evaluate(Setting(mec, model, mec), ('optimal',), nets, slots=256, chunk=256)
-  np.testing.assert_allclose(a['optimal']['mean_delay']['mean']
-                             - modelled['optimal']['mean_delay']['mean'], 7e-4, rtol=1e-4)
+  modelled = evaluate(Setting(mec, model, mec), ('kkt_weighted',), nets, slots=256, chunk=256)
+  np.testing.assert_allclose(a['kkt_weighted']['mean_delay']['mean']
+                             - modelled['kkt_weighted']['mean_delay']['mean'], 7e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize('names,params,mec,message', [

@@ -17,8 +17,8 @@ TINY = {
         '--scratch_steps=2', '--static_steps=2', '--policy_steps=2', '--joint_steps=2',
         '--steps_per_call=2', '--eval_slots=64'],
     'benchmark.py': TINY_MODEL + [
-        '--batch=256', '--alloc_batch=16', '--ga_batch=2', '--min_seconds=0.01',
-        '--min_calls=3', '--exit_batch=32'],
+        '--batch=256', '--alloc_batch=16', '--ga_batch=2', '--oracle_batch=8',
+        '--min_seconds=0.01', '--min_calls=3', '--exit_batch=32'],
     'evaluate.py': ['--slots=128', '--chunk=64'],  # the shipped checkpoints
     'train_cost.py': TINY_MODEL + ['--batch=8', '--max_steps=4', '--steps_per_call=2',
                                    '--study_eval_slots=32', '--kinds=depth', '--seeds=0'],
@@ -102,6 +102,8 @@ def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
     (['--b_max=-1'], r'MECConfig\.b_max = -1'),
     (['--num_experts=0'], r'ModelConfig\.num_experts = 0'),
     (['--schedule=sideways'], r'TrainConfig\.schedule'),
+    (['--loss=weighted'], r'TrainConfig\.loss'),
+    (['--miss_temperature_end=nan'], r'TrainConfig\.miss_temperature_end'),
     (['--no_such_flag=1'], r'no_such_flag'),
 ])
 def test_bad_train_flags_fail_before_work(args, message, tmp_path):
@@ -119,7 +121,9 @@ def test_evaluate_refuses_bad_networks_and_methods(tmp_path, tiny_networks):
            ([f'--networks={corrupt}'], 'corrupt'),
            ([f'--networks={tiny_networks}', '--methods=policy_moe,nonsense'], 'nonsense'),
            ([f'--networks={tiny_networks}', '--case=1'], 'trained for case 2'),
-           ([f'--networks={tiny_networks}', '--n_users=50'], 'accept at most 6')]
+           ([f'--networks={tiny_networks}', '--n_users=50'], 'accept at most 6'),
+           ([f'--networks={tiny_networks}', '--loss=objective'], 'trained with --loss=paper'),
+           ([f'--networks={tiny_networks}', '--methods=optimal'], 'optimal')]
   for args, message in cases:
     result = run('evaluate.py', '--slots=64', *args, timeout=120)
     assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])

@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from dynn_jax import MECConfig, equal_split, sample_slots
+from dynn_jax import ConfigError, MECConfig, equal_split, sample_slots, slot_costs
 from dynn_jax.env import weighted_edge_delay
-from dynn_jax.models import ModelConfig, MoEAllocator
+from dynn_jax.models import ModelConfig, MoEAllocator, allocate
 from dynn_jax.runs import RunDir
 from dynn_jax.training import (TrainConfig, init_params, kl_bounds, load_networks,
-                               save_networks, train_allocator, train_all,
-                               weighted_delays)
+                               miss_temperature, save_networks, train_allocator, train_all,
+                               trained_loss, weighted_delays)
 from dynn_jax.evaluation import Params
 from dynn_jax.env import normalized_features
 
@@ -60,10 +60,11 @@ def test_progressive_schedule_grows_ranges_down_to_one():
   assert tuple(int(v) for v in kl_bounds(6, width_only, model)) == (1, 3)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize('loss', ['paper', 'objective'])
+def test_resume_equals_uninterrupted(tmp_path, loss):
   train = TrainConfig(batch=16, full_steps=20, width_steps=20, depth_steps=20,
                       steps_per_call=10, checkpoint_every=1, static_steps=0,
-                      policy_steps=0, joint_steps=0)
+                      policy_steps=0, joint_steps=0, loss=loss)
   whole = train_allocator(MEC, MODEL, train)
 
   class Killed(Exception):
@@ -95,16 +96,51 @@ def test_networks_file_round_trip_and_errors(tmp_path, trained):
     load_networks(str(tmp_path / 'bad.msgpack'))
 
 
-def test_case2_pipeline_trains_every_network():
+@pytest.mark.parametrize('loss', ['paper', 'objective'])
+def test_case2_pipeline_trains_every_network(loss, tmp_path):
   mec = MECConfig(case=2, n_users=6)
   model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8)
   train = TrainConfig(batch=8, full_steps=4, width_steps=4, depth_steps=4, static_steps=4,
                       policy_steps=4, joint_steps=4, steps_per_call=4,
-                      offload_fraction_min=0.3)
+                      offload_fraction_min=0.3, loss=loss)
   params = train_all(mec, model, train)
   assert all(p is not None for p in params)
   for leaf in jax.tree.leaves(params):
     assert np.all(np.isfinite(np.asarray(leaf)))
+  path = str(tmp_path / 'networks.msgpack')
+  save_networks(path, params, mec, model, train)
+  assert trained_loss(load_networks(path)[3]) == loss
+
+
+def test_objective_loss_lowers_the_slot_objective():
+  train = TRAIN.replace(loss='objective', full_steps=120, width_steps=0, depth_steps=0)
+  params = train_allocator(MEC, MODEL, train)
+  fresh = init_params(MoEAllocator(MODEL), jax.random.PRNGKey(0), MEC)
+  slots = sample_slots(jax.random.PRNGKey(123), MEC, 512)
+  def slot_objective(p):
+    out = MoEAllocator(MODEL).apply({'params': p}, normalized_features(slots, MEC),
+                                    slots.mask, 3, 2)
+    return float(slot_costs(slots, allocate(out, slots.mask, MEC), MEC).objective.mean())
+  equal = float(slot_costs(slots, equal_split(slots, slots.mask, MEC), MEC).objective.mean())
+  assert slot_objective(params) < min(0.95 * slot_objective(fresh), equal)
+
+
+@pytest.mark.parametrize('changes,field', [
+    ({'loss': 'weighted'}, 'TrainConfig.loss'),
+    ({'miss_temperature_end': 0.0}, 'TrainConfig.miss_temperature_end'),
+    ({'miss_temperature_end': float('nan')}, 'TrainConfig.miss_temperature_end'),
+    ({'miss_temperature_end': float('inf')}, 'TrainConfig.miss_temperature_end'),
+    ({'miss_temperature_start': -1.0}, 'TrainConfig.miss_temperature_start'),
+])
+def test_bad_loss_settings_name_the_field(changes, field):
+  with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
+    TrainConfig(**changes)
+
+
+def test_miss_temperature_anneals_from_start_to_end():
+  train = TrainConfig(miss_temperature_start=0.5, miss_temperature_end=0.005)
+  temps = np.asarray([miss_temperature(s, 101, train) for s in (0, 50, 100, 200)])
+  np.testing.assert_allclose(temps, [0.5, 0.05, 0.005, 0.005], rtol=1e-5)
 
 
 def test_cost_study_counts_compile_once_per_stage_at_the_median():

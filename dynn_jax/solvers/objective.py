@@ -19,16 +19,25 @@ the expense of the others' delay. `objective_allocation` solves it by *continuat
    users at their deadline, which then sit just inside it, and hopeless users are
    released back to the convex trade-off. A relative temperature makes the transition
    width a fixed fraction of each deadline, whatever its size.
-3. keep, per slot, the best decision under the *hard* objective among the convex
-   optimum, the weighted KKT optimum (`optimal_allocation`), the equal split and every
-   iterate, so the result is never worse than any of them.
+3. run the same descent, at a low temperature, from a *rescue-all* start: the least
+   convex cost with every user that can make it on time at its deadline
+   (`rescue_allocation`, multiplicative updates of deadline multipliers). Descent
+   from the convex optimum finds the cheap rescues but not a packing where several
+   users must all sit at their deadlines together; this start begins there and drops
+   the rescues that do not pay;
+4. polish: the exact constrained optimum (`rescue_allocation`) for the set of users the
+   best decision so far gets on time, which removes the slack the sigmoid leaves;
+5. keep, per slot, the best decision under the *hard* objective among the convex
+   optimum, the weighted KKT optimum (`optimal_allocation`), the equal split, every
+   iterate and the polished one, so the result is never worse than any of them.
 
-Why continuation and not a Lagrangian over the deadline constraints: a Lagrangian needs
-the rescued set fixed in advance (its multipliers only exist for constraints that are
-kept), so it still needs an outer combinatorial search; the smoothed objective chooses
-the set and the resources together, in a fixed number of batched steps with static
-shapes, and the tests check it within 1% of the enumeration of every rescued set on
-small N.
+Why continuation first and multipliers second: a Lagrangian over the deadline
+constraints needs the rescued set fixed in advance (its multipliers only exist for the
+constraints that are kept), so alone it still needs an outer combinatorial search over
+2^N sets; the smoothed objective chooses the set and the resources together, in a fixed
+number of batched steps with static shapes, and the multipliers then make the chosen
+set's allocation exact. The tests check the result within 1% of the enumeration of
+every rescued set (SLSQP per set) on small N.
 
 `objective_bound` is a Lagrangian (dual) lower bound: for bandwidth and CPU prices
 (nu_b, nu_f) >= 0, sum_i min_{b_i, f_i}[cost_i + nu_b b_i + nu_f f_i] - nu_b b_max -
@@ -93,7 +102,7 @@ def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: MECConfi
   it the hard indicator of `slot_costs` (same arithmetic, so the same misses).
   """
   t_tra, t_com = edge_delays(slots, b, f, config)
-  delay = _expand(t_inf_edge, slots.s) + (t_tra + t_com)
+  delay = _expand(t_inf_edge, slots.s) + (t_tra + t_com)   # as slot_costs adds them
   if temperature is None:
     late = (delay > slots.d).astype(delay.dtype)
   else:
@@ -165,23 +174,19 @@ def _descend(slots: Slots, x: Array, start: Decision, config: MECConfig,
 
 
 def _best_start(slots, x, config, t_inf_edge) -> tuple[Decision, Array]:
-  best, best_obj = None, None
+  best = None
   for solve in (convex_allocation, optimal_allocation, equal_split):
     d = solve(slots, x, config)
     obj = _objective(slots, x, d.b, d.f, config, t_inf_edge)
-    if best is None:
-      best, best_obj = d, obj
-    else:
-      better = obj < best_obj
-      best, best_obj = _pick(better, d, best), jnp.where(better, obj, best_obj)
-  return best, best_obj
+    best = (d, obj) if best is None else _better(*best, d, obj)
+  return best
 
 
 RESCUE_ROUNDS = 48
 WEIGHT_CAP = 1e4
 RESCUE_MARGIN = 0.999
 # The rounds only steer the multipliers: a coarse bandwidth multiplier is enough there.
-ROUND_BISECTION_STEPS = 14
+ROUND_BISECTION_STEPS = 10
 
 
 def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: MECConfig,
@@ -214,7 +219,7 @@ def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: MECConfig,
 @functools.partial(jax.jit, static_argnames=('config', 'steps'))
 def _objective_allocation(slots, offload, t_inf_edge, config, steps):
   x = jnp.asarray(offload).astype(bool) & slots.mask
-  start, start_obj = _best_start(slots, x, config, t_inf_edge)
+  start, _ = _best_start(slots, x, config, t_inf_edge)
   if steps == 0:
     return start
   hopeful = x & ~_certain_miss(slots, config, t_inf_edge)
@@ -224,8 +229,7 @@ def _objective_allocation(slots, offload, t_inf_edge, config, steps):
                               RESCUE_TEMPERATURE)
   best, best_obj = _better(best, best_obj, other, other_obj)
   # Polish: the exact constrained optimum for the set of users the best one rescues.
-  met = x & ~(edge_user_costs(slots, x, best.b, best.f, config, t_inf_edge) * 0
-              + _delays(slots, best, t_inf_edge, config) > slots.d)
+  met = x & ~(_delays(slots, best, t_inf_edge, config) > slots.d)
   polished = rescue_allocation(slots, met, x, config, t_inf_edge)
   polished_obj = _objective(slots, x, polished.b, polished.f, config, t_inf_edge)
   return _better(best, best_obj, polished, polished_obj)[0]
@@ -258,17 +262,23 @@ def objective_allocation(slots: Slots, offload: Array, config: MECConfig,
 # ----------------------------------------------------------------- lower bounds
 
 
-def _prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array, Array]:
-  """Marginal values of bandwidth and CPU at a convex optimum: (nu_b, nu_f) [...]."""
+def resource_prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array, Array]:
+  """Marginal values of bandwidth and CPU under a decision: (nu_b, nu_f) [...].
+
+  The mean over offloaded users of -d/db_i and -d/df_i of their convex cost
+  (alpha + beta p) T_tra_i + alpha T_com_i; at a convex optimum every user's marginal
+  is the same, the Lagrange multiplier of that budget.
+  """
   tra_weight = config.alpha + config.beta * config.p_tx
-  active = d.x & (slots.s > 0) & (d.b > 0)
-  def tra_cost(b):
-    t = safe_div(slots.s, uplink_rate(b, slots.l, config))
-    return jnp.where(active, tra_weight * t, 0.0).sum()
-  slope = -jax.grad(tra_cost)(jnp.where(active, d.b, 1.0))
-  nu_b = jnp.where(active, slope, 0.0).sum(-1) / jnp.maximum(active.sum(-1), 1)
-  root = jnp.where(d.x, jnp.sqrt(config.alpha * slots.c * slots.s), 0.0).sum(-1)
-  nu_f = (root / config.f_ser) ** 2
+  def marginal(value, need, cost):
+    live = d.x & need & (value > 0)
+    slope = -jax.grad(lambda v: jnp.where(live, cost(v), 0.0).sum())(
+        jnp.where(live, value, 1.0))
+    return jnp.where(live, slope, 0.0).sum(-1) / jnp.maximum(live.sum(-1), 1)
+  nu_b = marginal(d.b, slots.s > 0,
+                  lambda b: tra_weight * safe_div(slots.s, uplink_rate(b, slots.l, config)))
+  nu_f = marginal(d.f, slots.c * slots.s > 0,
+                  lambda f: config.alpha * safe_div(slots.c * slots.s, f))
   return nu_b, nu_f
 
 
@@ -323,7 +333,7 @@ def _dual_bound(slots: Slots, x: Array, config: MECConfig, t_inf_edge: Array,
 @functools.partial(jax.jit, static_argnames=('config',))
 def _objective_bound(slots, offload, t_inf_edge, config):
   x = jnp.asarray(offload).astype(bool) & slots.mask
-  nu_b, nu_f = _prices(slots, convex_allocation(slots, x, config), config)
+  nu_b, nu_f = resource_prices(slots, convex_allocation(slots, x, config), config)
   return _dual_bound(slots, x, config, t_inf_edge, None, nu_b, nu_f)
 
 
@@ -340,7 +350,7 @@ def objective_bound(slots: Slots, offload: Array, config: MECConfig,
 
 @functools.partial(jax.jit, static_argnames=('config',))
 def _joint_objective_bound(slots, t_inf_edge, t_inf_loc, config):
-  nu_b, nu_f = _prices(slots, convex_allocation(slots, slots.mask, config), config)
+  nu_b, nu_f = resource_prices(slots, convex_allocation(slots, slots.mask, config), config)
   local = local_user_costs(slots, config, t_inf_loc)
   return _dual_bound(slots, slots.mask, config, t_inf_edge, local, nu_b, nu_f)
 
@@ -380,21 +390,18 @@ def _oracle_offload(slots, t_inf_edge, t_inf_loc, config, steps):
   candidates = [slots.mask, jnp.zeros_like(slots.mask)]
   x = slots.mask
   for _ in range(REPRICING_ROUNDS):
-    nu_b, nu_f = _prices(slots, convex_allocation(slots, x, config), config)
+    nu_b, nu_f = resource_prices(slots, convex_allocation(slots, x, config), config)
     for scale in (1.0, 0.5):
       candidates.append(_priced_set(slots, config, t_inf_edge, local, scale * nu_b,
                                     scale * nu_f))
     x = candidates[-2]
-  score = lambda x: _convex_score(slots, x, config, t_inf_edge, t_inf_loc)
-  best_x, best_obj = None, None
-  for x in candidates:
-    obj = score(x)
-    if best_x is None:
-      best_x, best_obj = x, obj
-    else:
-      better = obj < best_obj
-      best_x = jnp.where(better[..., None], x, best_x)
-      best_obj = jnp.where(better, obj, best_obj)
+  best_x, best_obj = candidates[0], _convex_score(slots, candidates[0], config, t_inf_edge,
+                                                   t_inf_loc)
+  for x in candidates[1:]:
+    obj = _convex_score(slots, x, config, t_inf_edge, t_inf_loc)
+    better = obj < best_obj
+    best_x = jnp.where(better[..., None], x, best_x)
+    best_obj = jnp.where(better, obj, best_obj)
   # Best-improvement single flips, scored the same way: one vmap over the W flips.
   flips = jnp.eye(slots.s.shape[-1], dtype=bool)
   for _ in range(FLIP_ROUNDS):
