@@ -11,6 +11,7 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
+from dynn_jax.evaluation import BOUND
 from dynn_jax.io import write_bytes_atomic
 
 
@@ -110,24 +111,29 @@ def training_cost(study: dict, path: str) -> None:
 
 
 def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> None:
-  """Mean delay (ms) and miss ratio (%) of every method along one sweep, with CI95."""
+  """Mean delay (ms), miss ratio (%) and objective of every method along one sweep, with
+  CI95; networks trained on the objective (`obj_*`) dashed, the objective's lower bound
+  (when the oracle ran) dotted."""
   _, _, label, value_scale = sweep_def
   x = np.array([p['value'] for p in points], dtype=float) * value_scale
   methods = [m for m in points[0]['results'] if not m.startswith('_')]
-  fig = Figure(figsize=(11, 4.2))
-  axes = fig.subplots(1, 2)
+  fig = Figure(figsize=(15, 4.2), layout='constrained')
+  axes = fig.subplots(1, 3)
   for ax, metric, scale, ylabel in ((axes[0], 'mean_delay', 1e3, 'mean service delay (ms)'),
-                                    (axes[1], 'miss_ratio', 100.0, 'deadline misses (%)')):
+                                    (axes[1], 'miss_ratio', 100.0, 'deadline misses (%)'),
+                                    (axes[2], 'objective', 1.0, 'objective per slot')):
     for method in methods:
-      if method not in points[0]['results']:
-        continue
       y = np.array([p['results'][method][metric]['mean'] for p in points]) * scale
       err = np.array([p['results'][method][metric]['ci95'] for p in points]) * scale
-      ax.errorbar(x, y, yerr=err, marker='o', ms=3, capsize=2, label=method)
+      ax.errorbar(x, y, yerr=err, marker='o', ms=3, capsize=2, label=method,
+                  ls='--' if method.startswith('obj_') else '-')
+    if metric == 'objective' and BOUND in points[0]['results']:
+      ax.plot(x, [p['results'][BOUND]['objective']['mean'] for p in points], ':',
+              color='k', label='lower bound')
     ax.set_xlabel(label)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
+  axes[2].legend(fontsize=6)
   fig.suptitle(title)
   save_png(fig, path)
 

@@ -116,6 +116,9 @@ class TrainConfig(ConfigBase):
   # 'objective' loss, annealed geometrically from start to end over each allocator phase.
   miss_temperature_start: float = 0.3
   miss_temperature_end: float = 0.01
+  # Scheduler rewards divided per slot by the slot's mean |reward|, so that slots with
+  # large tasks (large costs) do not set every gradient. Always on with loss='objective'.
+  normalize_rewards: bool = False
 
   def __post_init__(self):
     check_ranges(self, _TRAIN_RANGES)
@@ -551,6 +554,7 @@ def joint_step_fn(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_
       gain = local_costs(slots, mec, t_loc) - c_edge     # > 0: offloading is cheaper
     else:
       gain = local_user_costs(slots, mec, t_loc) - c_edge - congestion_costs(cf, slots, x, mec)
+    if train.normalize_rewards or train.loss == 'objective':
       # Every slot counts alike, whatever its task sizes (large tasks have large costs).
       scale = jnp.where(slots.mask, jnp.abs(gain), 0.0).sum(-1, keepdims=True)
       gain = gain * (slots.mask.sum(-1, keepdims=True) / jnp.maximum(scale, 1e-30))

@@ -17,9 +17,10 @@ import time
 from absl import app, flags
 
 from dynn_jax import cli, cost_study, latency, ops, paper, plots, reproduce
+from dynn_jax.evaluation import BOUND
 from dynn_jax.io import write_bytes_atomic, write_json_atomic
-from dynn_jax.reports import (headline_table, objective_gap_table, ordering_checks,
-                              paper_comparison, sweep_table)
+from dynn_jax.reports import (headline_table, objective_gap_table, objective_gaps,
+                              ordering_checks, paper_comparison, sweep_table)
 from dynn_jax.training import load_networks, trained_loss
 
 flags.DEFINE_string('results_dir', 'results/reproduce', 'Where points, figures and the '
@@ -80,6 +81,9 @@ def write_csv(path: str, points: list[dict]) -> None:
         continue
       for metric, v in metrics.items():
         rows.append([p['value'], method, metric, v['mean'], v['ci95']])
+    if BOUND in p['results']:
+      bound = p['results'][BOUND]['objective']
+      rows.append([p['value'], 'lower_bound', 'objective', bound['mean'], bound['ci95']])
   import io
   buffer = io.StringIO()
   csv.writer(buffer).writerows(rows)
@@ -99,6 +103,56 @@ OBJECTIVE_PAIRS = {
     2: [('oracle', 'kkt_weighted'), ('oracle', 'ga'), ('oracle', 'random'),
         ('pmrl', 'local'), ('pmrl', 'random'), (OBJ + 'pmrl', 'local'),
         (OBJ + 'pmrl', 'random'), (OBJ + 'pmrl', 'pmrl')]}
+
+
+def tally(sweeps: dict, case: int, better: str, worse: str, metric: str) -> str | None:
+  """'better ≤ worse on metric at W of P points (not at: sweep=value, ...)' over every
+  sweep of the case that ran both methods; None if none did."""
+  total, lost = 0, []
+  for key, points in sweeps.items():
+    if not key.startswith(f'case{case}_'):
+      continue
+    for p in points:
+      r = p['results']
+      if better in r and worse in r:
+        total += 1
+        if r[better][metric]['mean'] > r[worse][metric]['mean']:
+          lost.append(f'{key.split("_", 1)[1]}={p["value"]:g}')
+  if not total:
+    return None
+  where = f' (not at {", ".join(lost)})' if lost else ''
+  return f'{better} ≤ {worse} on {metric} at {total - len(lost)} of {total} points{where}'
+
+
+def conclusions(sweeps: dict, nets: dict) -> list[str]:
+  """The targets of the objective study, each computed from the points above."""
+  lines = []
+  checks = {1: [('oracle', w, 'objective') for w in ('kkt_weighted', 'equal_split', 'ga')]
+               + [(OBJ + 'policy_moe', w, 'objective')
+                  for w in ('equal_split', 'ga', 'policy_moe')],
+            2: [('oracle', w, 'objective') for w in ('kkt_weighted', 'ga', 'random')]
+               + [(f'{pre}pmrl', w, m) for pre in ('', OBJ) for w in ('local', 'random')
+                  for m in ('objective', 'mean_delay')]
+               + [(OBJ + 'pmrl', 'pmrl', 'objective')]}
+  for case, pairs in checks.items():
+    for better, worse, metric in pairs:
+      line = tally(sweeps, case, better, worse, metric)
+      if line:
+        lines.append(f'- Case {case}: {line}.')
+    point = (default_point(sweeps.get(f'case{case}_data', []), nets[case].mec.s_avg)
+             if case in nets else None)
+    if point is not None:
+      gaps = objective_gaps(point['results'])
+      for name in ('policy_moe', 'pmrl', OBJ + 'policy_moe', OBJ + 'pmrl'):
+        if name in gaps and 'oracle' in gaps[name]:
+          share = point['results'][name]['inference_share']['mean']
+          lines.append(f'- Case {case}, default point: {name} is '
+                       f'{100 * gaps[name]["oracle"]:+.2f}% from the oracle on the objective, '
+                       f'inference share {100 * share:.2f}% of the total delay.')
+      if 'bound' in gaps.get('oracle', {}):
+        lines.append(f'- Case {case}, default point: the oracle is within '
+                     f'{100 * gaps["oracle"]["bound"]:.2f}% of the lower bound.')
+  return lines
 
 
 def default_point(points: list[dict], s_avg: float) -> dict | None:
@@ -163,6 +217,9 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
          'others are trained with the paper\'s losses. `kkt_weighted` is the exact minimiser '
          'of the paper\'s weighted delay, `oracle` the best solution found of the objective '
          'itself, `lower bound` a bound no method can beat.', '']
+  found = conclusions(sweeps, nets)
+  if found:
+    out += ['## Conclusions, computed from the points below', '', *found, '']
   for case in (1, 2):
     point = (default_point(sweeps.get(f'case{case}_data', []), nets[case].mec.s_avg)
              if case in nets else None)

@@ -13,7 +13,8 @@ from dynn_jax import MECConfig, optimal_allocation, sample_slots, slot_costs
 from dynn_jax.evaluation import BOUND, Params, Setting, check_methods, evaluate
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
-from dynn_jax.reports import methods_table, objective_gaps
+from dynn_jax.reports import (headline_table, methods_table, objective_gap_table,
+                              objective_gaps)
 from dynn_jax.training import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,3 +122,21 @@ def test_measured_mode_adds_the_table_latency():
 def test_bad_requests_fail_before_work(names, params, mec, message):
   with pytest.raises(ValueError, match=message):
     check_methods(names, params, Setting(mec, ModelConfig.for_env(mec), mec))
+
+
+def test_report_tables_compute_gaps_from_the_results():
+  def entry(objective):
+    metrics = {m: {'mean': 0.0, 'ci95': 0.0} for m in ('mean_delay', 'miss_ratio',
+                                                        'total_energy', 'inference_share',
+                                                        'ops')}
+    return {**metrics, 'objective': {'mean': objective, 'ci95': 0.0}}
+  points = [{'value': v, 'results': {'a': entry(1.1 * v), 'oracle': entry(v),
+                                     BOUND: {'objective': {'mean': 0.5 * v, 'ci95': 0.0}}}}
+            for v in (1.0, 2.0)]
+  table = objective_gap_table(points, 1.0)
+  assert '| 1 | +10.0 | +100.0 |' in table and '| 2 | +10.0 | +100.0 |' in table
+  headline = headline_table(points[0]['results'])
+  rows = headline.splitlines()
+  assert rows[2].startswith('| oracle | 1.0000 | +0.0 | +100.0 |')  # best objective first
+  assert rows[3].startswith('| a | 1.1000 | +10.0 | +120.0 |')
+  assert rows[-1].startswith('| lower bound | 0.5000 |')

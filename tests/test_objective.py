@@ -75,7 +75,7 @@ def test_within_one_percent_of_every_rescued_set_and_of_a_long_run(hard64):
   slots, decision = hard64
   with jax.enable_x64(True):
     ours = objective(slots, decision, HARD)
-    long_run = objective(slots, objective_allocation(slots, slots.mask, HARD, steps=2000),
+    long_run = objective(slots, objective_allocation(slots, slots.mask, HARD, steps=1000),
                          HARD)
   reference = np.array([slsqp_rescue_reference(slots, HARD, i) for i in range(12)])
   best = np.minimum(reference, long_run)
@@ -87,9 +87,13 @@ def test_within_one_percent_of_every_rescued_set_and_of_a_long_run(hard64):
   assert (convex > 1.05 * reference).sum() >= 3
 
 
+# Shared by several tests, so that each compiles once.
+TIGHT = MECConfig(case=1, n_users=12, d_max=0.05)
+
+
 @pytest.mark.parametrize('x64', [False, True])
 def test_never_worse_than_the_weighted_optimum_or_equal_split(x64):
-  config = MECConfig(case=1, n_users=12, d_max=0.05)
+  config = TIGHT
   with jax.enable_x64(x64):
     slots = sample_slots(jax.random.PRNGKey(7), config, 64)
     ours = objective(slots, objective_allocation(slots, slots.mask, config, 1e-3), config,
@@ -105,7 +109,6 @@ BASE = MECConfig(case=1, n_users=6, n_max=8)
 
 
 @pytest.mark.parametrize('config,x64', [(BASE, False), (BASE, True),
-                                        (BASE.replace(alpha=0.0), False),
                                         (BASE.replace(alpha=0.0, beta=0.0), False)])
 def test_budgets_shapes_and_no_nan_at_the_edges(config, x64):
   with jax.enable_x64(x64):
@@ -146,11 +149,10 @@ def random_feasible(key, slots, offload, config, count):
   return Decision(x=x, b=config.b_max * shares(kb), f=config.f_ser * shares(kf))
 
 
-@pytest.mark.parametrize('config', [HARD, MECConfig(case=1, n_users=20),
-                                    MECConfig(case=1, n_users=20, delta=0.0),
-                                    MECConfig(case=1, n_users=20, delta=0.5, d_max=0.02)])
+@pytest.mark.parametrize('config', [TIGHT, TIGHT.replace(delta=0.0),
+                                    TIGHT.replace(delta=0.5, d_max=0.02)])
 def test_bound_never_exceeds_a_feasible_solution(config):
-  slots = sample_slots(jax.random.PRNGKey(11), config, 32)
+  slots = sample_slots(jax.random.PRNGKey(11), config, 64)
   bound = np.asarray(objective_bound(slots, slots.mask, config, 1e-3))
   many = jax.tree.map(lambda a: jnp.broadcast_to(a, (64,) + a.shape), slots)
   rand = objective(many, random_feasible(jax.random.PRNGKey(0), slots, slots.mask, config, 64),
@@ -180,7 +182,7 @@ def exhaustive_objective(slots, config):
 
 def test_oracle_against_exhaustive_offloading_and_its_bound():
   config = MECConfig(case=2, n_users=6, b_max=0.5e6 * 6 / 30, f_ser=2.5e9 * 6 / 30)
-  slots = sample_slots(jax.random.PRNGKey(5), config, 48)
+  slots = sample_slots(jax.random.PRNGKey(5), config, 32)
   exhaustive = exhaustive_objective(slots, config)
   ours = objective(slots, oracle_offload(slots, config), config)
   assert (ours >= exhaustive * (1 - 1e-5)).all()  # the enumeration holds every set
@@ -192,13 +194,6 @@ def test_oracle_against_exhaustive_offloading_and_its_bound():
   bound = np.asarray(joint_objective_bound(slots, config))
   assert (bound <= exhaustive).all()
   assert bound.mean() > 0.8 * exhaustive.mean()
-
-
-def test_oracle_in_case_1_offloads_everyone():
-  config = MECConfig(case=1, n_users=8)
-  slots = sample_slots(jax.random.PRNGKey(2), config, 16)
-  d = oracle_offload(slots, config)
-  np.testing.assert_array_equal(np.asarray(d.x), np.asarray(slots.mask))
 
 
 def test_compiled_once_for_new_slots_and_delays():

@@ -431,8 +431,8 @@ def oracle_offload(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 
                    t_inf_loc: float | Array = 0.0, steps: int = DESCENT_STEPS) -> Decision:
   """The best joint (offloading set, allocation) found for the slot objective (case 2).
 
-  See the module docstring; `exhaustive_objective_search` is its reference on small N.
-  In case 1 (no local CPU) it offloads every user with a task.
+  See the module docstring; the tests compare it with the enumeration of every
+  offloading set on small N.
   """
   t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
   return _oracle_offload(slots, t_edge, t_loc, config=config, steps=steps)
