@@ -25,6 +25,8 @@ from dynn_jax.io import read_json
 from dynn_jax.models import ModelConfig
 
 TABLE_FORMAT = 1
+# Method names that changed since tables were first written: old name -> current.
+RENAMED = {'optimal': 'kkt_weighted'}
 DEVICE_KEYS = ('platform', 'device_kind', 'jax_version')
 
 
@@ -66,7 +68,8 @@ def from_dict(data: dict, path: str = '<table>') -> MeasuredTable:
         allocator_s=tuple(tuple(float(v) for v in row) for row in data['allocator_s']),
         static_s=float(data['static_s']), policy_s=float(data['policy_s']),
         scheduler_s=float(data['scheduler_s']),
-        solvers_s=tuple(sorted((k, float(v)) for k, v in data.get('solvers_s', {}).items())),
+        solvers_s=tuple(sorted((RENAMED.get(k, k), float(v))
+                               for k, v in data.get('solvers_s', {}).items())),
         device=tuple(sorted((k, str(data['device'][k])) for k in DEVICE_KEYS)))
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f'latency table {path} is missing or has a bad field: {e!r}') from None

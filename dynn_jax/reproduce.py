@@ -122,16 +122,32 @@ def sweep_values(sweep: str, points: int | None = None) -> list:
   return [values[i] for i in picks]
 
 
+def parse_sweeps(names) -> set[str]:
+  """Checks sweep names, plain ('data') or case-qualified ('1:data'); ValueError names the
+  bad ones and the allowed values."""
+  bad = [n for n in names if n.split(':', 1)[-1] not in SWEEPS
+         or (':' in n and n.split(':', 1)[0] not in ('1', '2'))]
+  if bad:
+    raise ValueError(f'--sweeps: unknown {bad}; allowed {sorted(SWEEPS)}, each optionally '
+                     'prefixed by a case, e.g. 2:data')
+  return set(names)
+
+
 def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
                ga_slots: int, seed: int, delay=None, points_per_sweep: int | None = None,
                objective: dict[int, Networks] | None = None) -> dict:
   """Every requested sweep of every case (`CASE_SWEEPS` says which a case has); with
-  `objective` networks their pipeline runs beside the paper's at every point."""
+  `objective` networks their pipeline runs beside the paper's at every point.
+
+  `sweeps` holds names ('data': every case) or case-qualified names ('2:data': case 2
+  only), see `parse_sweeps`.
+  """
   out = {}
   objective = objective or {}
+  wanted = parse_sweeps(sweeps)
   for case in cases:
-    for sweep in sweeps:
-      if sweep not in CASE_SWEEPS[case]:
+    for sweep in SWEEPS:
+      if sweep not in CASE_SWEEPS[case] or not ({sweep, f'{case}:{sweep}'} & wanted):
         continue
       large = sweep == 'data_large'
       methods = LARGE_DATA_METHODS if large else METHODS[case]

@@ -13,6 +13,7 @@ from dynn_jax import MECConfig, optimal_allocation, sample_slots, slot_costs
 from dynn_jax.evaluation import BOUND, Params, Setting, check_methods, evaluate
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
+from dynn_jax.reproduce import parse_sweeps
 from dynn_jax.reports import (headline_table, methods_table, objective_gap_table,
                               objective_gaps)
 from dynn_jax.training import init_params
@@ -140,3 +141,10 @@ def test_report_tables_compute_gaps_from_the_results():
   assert rows[2].startswith('| oracle | 1.0000 | +0.0 | +100.0 |')  # best objective first
   assert rows[3].startswith('| a | 1.1000 | +10.0 | +120.0 |')
   assert rows[-1].startswith('| lower bound | 0.5000 |')
+
+
+def test_sweep_names_may_name_a_case_and_bad_ones_are_refused():
+  assert parse_sweeps(['data', '2:cpu']) == {'data', '2:cpu'}
+  for bad in (['sideways'], ['3:data'], ['1:sideways']):
+    with pytest.raises(ValueError, match='--sweeps: unknown'):
+      parse_sweeps(bad)
