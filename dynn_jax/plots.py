@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -119,6 +120,8 @@ def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> N
   methods = [m for m in points[0]['results'] if not m.startswith('_')]
   fig = Figure(figsize=(15, 4.2), layout='constrained')
   axes = fig.subplots(1, 3)
+  # More methods than the default cycle has colours: tab20 keeps each one distinct.
+  colours = dict(zip(methods, matplotlib.colormaps['tab20'].colors))
   for ax, metric, scale, ylabel in ((axes[0], 'mean_delay', 1e3, 'mean service delay (ms)'),
                                     (axes[1], 'miss_ratio', 100.0, 'deadline misses (%)'),
                                     (axes[2], 'objective', 1.0, 'objective per slot')):
@@ -126,7 +129,7 @@ def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> N
       y = np.array([p['results'][method][metric]['mean'] for p in points]) * scale
       err = np.array([p['results'][method][metric]['ci95'] for p in points]) * scale
       ax.errorbar(x, y, yerr=err, marker='o', ms=3, capsize=2, label=method,
-                  ls='--' if method.startswith('obj_') else '-')
+                  color=colours[method], ls='--' if method.startswith('obj_') else '-')
     if metric == 'objective' and BOUND in points[0]['results']:
       ax.plot(x, [p['results'][BOUND]['objective']['mean'] for p in points], ':',
               color='k', label='lower bound')
