@@ -21,6 +21,14 @@ offloaded users, C_edge_i = alpha (w_i T_inf_edge(k, l) + T_edge_i) + beta E_edg
 with all K x L sub-networks evaluated in one vmapped call; loss: cross-entropy over the
 K * L options.
 
+With `TrainConfig.loss = 'objective'` every phase is judged by the objective of SPEC
+section 1 instead: the allocator takes one update per step on the slot objective
+(alpha T + beta E + delta sigmoid((T - d) / (tau d)), with its own modelled inference
+delay in T, tau annealed geometrically, each slot relative to its equal split:
+`objective_loss`); policy labels minimise the hard slot objective; the scheduler's
+per-user costs are the users' shares of the objective, less the user's edge resources
+priced at the slot's marginal values (`congestion_costs`), normalised per slot.
+
 Scheduler (case 2): x_i ~ Bernoulli(p_i); with C_loc_i = alpha (w_i T_inf_loc + T_loc_i)
 + beta E_loc_i, we maximise the mean of (C_loc_i - C_edge_i) p_i for offloaded users and
 (C_edge_i - C_loc_i)(1 - p_i) for local ones: SPEC section 4's rule with the probability
