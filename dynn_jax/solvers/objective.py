@@ -437,10 +437,3 @@ def oracle_offload(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 
   t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
   return _oracle_offload(slots, t_edge, t_loc, config=config, steps=steps)
 
-
-def slot_objective(slots: Slots, decision: Decision, config: MECConfig,
-                   t_inf_edge: float | Array = 0.0, t_inf_loc: float | Array = 0.0) -> Array:
-  """The hard slot objective [...] of a decision, as `slot_costs(...).objective`."""
-  t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
-  return _objective(slots, decision.x & slots.mask, decision.b, decision.f, config, t_edge,
-                    t_loc)
