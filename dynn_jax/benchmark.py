@@ -40,8 +40,7 @@ from dynn_jax.io import write_json_atomic
 from dynn_jax.models import (Allocation, ModelConfig, MoEAllocator, Policy, Scheduler,
                              StaticAllocator, check_inputs, moe_forward, per_slot_apply,
                              per_slot_forward)
-from dynn_jax.solvers import (equal_split, objective_allocation, optimal_allocation,
-                              oracle_offload)
+from dynn_jax.solvers import equal_split, optimal_allocation, oracle
 from dynn_jax.solvers.ga import GAConfig, ga_solve
 from dynn_jax.timing import Timing, benchmark, compile_ahead, time_calls
 
@@ -66,13 +65,6 @@ def host_load() -> dict:
   """Load averages: latencies on a shared machine are only comparable at a known load."""
   one, five, fifteen = os.getloadavg()
   return {'load_1m': one, 'load_5m': five, 'load_15m': fifteen, 'cpu_count': os.cpu_count()}
-
-
-def oracle_solver(config: MECConfig):
-  """The evaluation's `oracle` as a function of the slots (case 1: everyone offloaded)."""
-  if config.case == 1:
-    return lambda slots: objective_allocation(slots, slots.mask, config)
-  return lambda slots: oracle_offload(slots, config)
 
 
 def environment_suite(config: MECConfig, *, batch: int = 100_000, alloc_batch: int = 10_000,
@@ -105,8 +97,8 @@ def environment_suite(config: MECConfig, *, batch: int = 100_000, alloc_batch: i
   results['optimal_allocation_batched'] = {**t.per_item(alloc_batch).to_dict(),
                                            'batch': alloc_batch,
                                            'slots_per_s': t.rate(alloc_batch)}
-  oracle = sample_slots(key, config, oracle_batch)
-  t = benchmark(oracle_solver(config), oracle, min_seconds=min_seconds, min_calls=3)
+  many_oracle = sample_slots(key, config, oracle_batch)
+  t = benchmark(lambda s: oracle(s, config), many_oracle, min_seconds=min_seconds, min_calls=3)
   results['oracle_batched'] = {**t.per_item(oracle_batch).to_dict(), 'batch': oracle_batch,
                                'slots_per_s': t.rate(oracle_batch)}
   for label, b in (('ga_batch1', 1), ('ga_batched', ga_batch)):
@@ -408,7 +400,7 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
                              min_calls),
       'equal_split': (lambda s, x: equal_split(s, x, mec), (slots, mask), min_calls),
       'ga': (lambda kk, s: ga_solve(kk, s, mec, ga_config)[0], (key, slots), heavy_min),
-      'oracle': (oracle_solver(mec), (slots,), heavy_min),
+      'oracle': (lambda s: oracle(s, mec), (slots,), heavy_min),
   }
   for k in range(1, K + 1):
     for l in range(1, L + 1):

@@ -34,8 +34,8 @@ from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slo
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
                              allocate, option_to_kl)
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
-                              joint_objective_bound, objective_allocation, objective_bound,
-                              optimal_allocation, oracle_offload, random_offload)
+                              joint_objective_bound, objective_bound, optimal_allocation,
+                              oracle, random_offload)
 
 Array = jax.Array
 
@@ -167,14 +167,8 @@ def _ga(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
 
 
 def _oracle(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-  """The best decision found for the objective itself: case 1 everyone offloaded with
-  `objective_allocation`, case 2 also the offloading set (`oracle_offload`)."""
   own = _zeros(slots) if setting.delay is None else setting.delay.solver('oracle', _zeros(slots))
-  if setting.mec.case == 1:
-    decision = objective_allocation(slots, slots.mask, setting.mec, own)
-  else:
-    decision = oracle_offload(slots, setting.mec, own, own)
-  return Outcome(decision, own, own, _zeros(slots))
+  return Outcome(oracle(slots, setting.mec, own, own), own, own, _zeros(slots))
 
 
 def lower_bound(setting: Setting, slots: Slots) -> Array:

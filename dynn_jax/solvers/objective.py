@@ -68,8 +68,9 @@ import optax
 from dynn_jax.config import MECConfig
 from dynn_jax.env import (Decision, Slots, edge_delays, local_delay, local_energy,
                           safe_div, snr_coefficient, uplink_rate)
-from dynn_jax.solvers.allocation import (_initial_log_t, _invert_log_psi, _proportional,
-                                         equal_split, optimal_allocation, weighted_allocation)
+from dynn_jax.solvers.allocation import (BISECTION_STEPS, _initial_log_t, _invert_log_psi,
+                                         _proportional, equal_split, optimal_allocation,
+                                         weighted_allocation)
 from dynn_jax.solvers.offloading import inference_delays
 
 Array = jax.Array
@@ -88,10 +89,16 @@ def _expand(value: Array, like: Array) -> Array:
   return jnp.asarray(value, like.dtype)[..., None]
 
 
-def convex_allocation(slots: Slots, offload: Array, config: MECConfig) -> Decision:
+def transmission_weight(config: MECConfig) -> float:
+  """The objective's weight on T_tra: alpha (delay) + beta p (the user's energy)."""
+  return config.alpha + config.beta * config.p_tx
+
+
+def convex_allocation(slots: Slots, offload: Array, config: MECConfig,
+                      bisection_steps: int = BISECTION_STEPS) -> Decision:
   """Exact minimiser of alpha (T_tra + T_com) + beta p T_tra: the objective less misses."""
-  return weighted_allocation(slots, offload, config.alpha + config.beta * config.p_tx,
-                             config.alpha, config)
+  return weighted_allocation(slots, offload, transmission_weight(config), config.alpha,
+                             config, bisection_steps)
 
 
 def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: MECConfig,
@@ -199,7 +206,7 @@ def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: MECConfig,
   multiplicative dual update, so rescued users settle at their deadlines. Users that
   cannot be rescued hit WEIGHT_CAP times alpha instead of starving everyone else.
   """
-  tra, com = config.alpha + config.beta * config.p_tx, config.alpha
+  tra, com = transmission_weight(config), config.alpha
   floor = max(com, 1e-12)
   # Aim a hair inside the deadline: exactly at it, rounding decides the miss.
   slack = RESCUE_MARGIN * jnp.maximum(slots.d - _expand(t_inf_edge, slots.s), 1e-3 * slots.d)
@@ -269,7 +276,7 @@ def resource_prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array
   (alpha + beta p) T_tra_i + alpha T_com_i; at a convex optimum every user's marginal
   is the same, the Lagrange multiplier of that budget.
   """
-  tra_weight = config.alpha + config.beta * config.p_tx
+  tra_weight = transmission_weight(config)
   def marginal(value, need, cost):
     live = d.x & need & (value > 0)
     slope = -jax.grad(lambda v: jnp.where(live, cost(v), 0.0).sum())(
@@ -284,8 +291,7 @@ def resource_prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array
 
 def _priced_bandwidth(slots: Slots, nu_b: Array, config: MECConfig) -> Array:
   """min_b [(alpha + beta p) s / r(b) + nu_b b] per user [..., W]."""
-  weight = config.alpha + config.beta * config.p_tx
-  ws = weight * slots.s
+  ws = transmission_weight(config) * slots.s
   k = snr_coefficient(slots.l, config)
   nu = jnp.maximum(_expand(nu_b, slots.s), jnp.finfo(slots.s.dtype).tiny)
   live = ws > 0
@@ -311,11 +317,16 @@ def _certain_miss(slots: Slots, config: MECConfig, t_inf_edge: Array) -> Array:
   return _expand(t_inf_edge, slots.s) + (t_tra + t_com) > slots.d
 
 
+def _unpriced_edge_cost(slots: Slots, config: MECConfig, t_inf_edge: Array) -> Array:
+  """The part of a user's edge cost no allocation changes: alpha T_inf + delta 1{certain miss}."""
+  return (config.alpha * _expand(t_inf_edge, slots.s)
+          + config.delta * _certain_miss(slots, config, t_inf_edge))
+
+
 def _dual_bound(slots: Slots, x: Array, config: MECConfig, t_inf_edge: Array,
                 local: Array | None, nu_b: Array, nu_f: Array) -> Array:
   """The best dual value over the price grid PRICE_SCALES^2 around (nu_b, nu_f): [...]."""
-  fixed = (config.alpha * _expand(t_inf_edge, slots.s)
-           + config.delta * _certain_miss(slots, config, t_inf_edge))
+  fixed = _unpriced_edge_cost(slots, config, t_inf_edge)
   best = jnp.full(slots.s.shape[:-1], -jnp.inf, slots.s.dtype)
   b_terms = [_priced_bandwidth(slots, nu_b * a, config) for a in PRICE_SCALES]
   f_terms = [_priced_compute(slots, nu_f * a, config) for a in PRICE_SCALES]
@@ -367,9 +378,8 @@ def joint_objective_bound(slots: Slots, config: MECConfig, t_inf_edge: float | A
 
 def _priced_set(slots, config, t_inf_edge, local, nu_b, nu_f) -> Array:
   """Offload where the user's priced edge cost is below its local cost."""
-  edge = (config.alpha * _expand(t_inf_edge, slots.s) + _priced_bandwidth(slots, nu_b, config)
-          + _priced_compute(slots, nu_f, config)
-          + config.delta * _certain_miss(slots, config, t_inf_edge))
+  edge = (_unpriced_edge_cost(slots, config, t_inf_edge)
+          + _priced_bandwidth(slots, nu_b, config) + _priced_compute(slots, nu_f, config))
   return slots.mask & (edge < local)
 
 
@@ -379,8 +389,7 @@ FLIP_ROUNDS = 3
 
 def _convex_score(slots, x, config, t_inf_edge, t_inf_loc) -> Array:
   """Hard objective of the offloading set x under its (coarse) convex allocation."""
-  d = weighted_allocation(slots, x, config.alpha + config.beta * config.p_tx, config.alpha,
-                          config, ROUND_BISECTION_STEPS)
+  d = convex_allocation(slots, x, config, ROUND_BISECTION_STEPS)
   return _objective(slots, x, d.b, d.f, config, t_inf_edge, t_inf_loc)
 
 
@@ -437,3 +446,12 @@ def oracle_offload(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 
   t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
   return _oracle_offload(slots, t_edge, t_loc, config=config, steps=steps)
 
+
+
+def oracle(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 0.0,
+           t_inf_loc: float | Array = 0.0) -> Decision:
+  """The best decision found for the objective: case 1 (users have no CPU) everyone
+  offloaded with `objective_allocation`, case 2 also the offloading set (`oracle_offload`)."""
+  if config.case == 1:
+    return objective_allocation(slots, slots.mask, config, t_inf_edge)
+  return oracle_offload(slots, config, t_inf_edge, t_inf_loc)
