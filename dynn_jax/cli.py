@@ -3,11 +3,18 @@
 `define_flags(MECConfig)` defines one flag per field with the field's default;
 `from_flags(MECConfig)` builds the config and turns a bad value into a usage error
 that names the flag and the allowed range, before any work starts.
+
+The checks every launcher makes before work: `check_range` (finite, in range),
+`check_writable` (output paths), `check_memory` (sizes that cannot fit), and `run`
+(absl's `app.run` after checking that every --flagfile is readable text).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import sys
 import typing
 
 from absl import app, flags
@@ -44,6 +51,10 @@ def from_flags(cls, prefix: str = '', **fixed):
   """The config from the flags; `fixed` fields are not flags (see `define_flags(skip=)`)."""
   values = {f.name: FLAGS[prefix + f.name].value for f in dataclasses.fields(cls)
             if f.name not in fixed}
+  for name, value in values.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise app.UsageError(f'--{prefix}{name} = {value!r}; must be a finite number '
+                           f'({cls.__name__}.{name})')
   values.update(fixed)
   try:
     return cls(**values)
@@ -52,7 +63,10 @@ def from_flags(cls, prefix: str = '', **fixed):
 
 
 def check_range(name: str, value, low=None, high=None) -> None:
-  """Usage error for a launcher flag outside [low, high]."""
+  """Usage error for a launcher flag outside [low, high], or not a finite number (a NaN
+  passes every comparison, so it would pass any range)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    raise app.UsageError(f'--{name} = {value!r}; must be a finite number')
   if (low is not None and value < low) or (high is not None and value > high):
     lo = '-inf' if low is None else low
     hi = 'inf' if high is None else high
@@ -86,3 +100,164 @@ def stop_if_dry_run(**resolved) -> None:
     print(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     print('dry run: every flag checked, nothing run')
     raise SystemExit(0)
+
+
+# ------------------------------------------------------------------ output paths
+
+
+def check_writable(flag_name: str, path: str | None, directory: bool = False,
+                   what: str | None = None) -> None:
+  """Usage error, before any work, unless `path` (a file, or with `directory` a folder)
+  can be written: an empty value, an existing path of the wrong kind, or a nearest
+  existing parent folder that is not a writable folder. Creates nothing. `what` names
+  a path derived from the flag (e.g. 'its folder of cached runs')."""
+  if path is None:
+    return
+  if not path.strip():
+    raise app.UsageError(f'--{flag_name} is empty; give a {"folder" if directory else "file"}'
+                         ' path (or leave the flag out)')
+  path = os.path.abspath(os.path.expanduser(path))
+  label = f'--{flag_name} ({what}: {path})' if what else f'--{flag_name}={path}'
+  if os.path.exists(path):
+    if directory and not os.path.isdir(path):
+      raise app.UsageError(f'{label} is a file, not a folder')
+    if not directory and os.path.isdir(path):
+      raise app.UsageError(f'{label} is a folder, not a file')
+    if not os.access(path, os.W_OK | (os.X_OK if directory else 0)):
+      raise app.UsageError(f'{label} is not writable')
+    if directory:
+      return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise app.UsageError(f'{label}: {parent} is a file, not a folder')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise app.UsageError(f'{label}: the folder {parent} is not writable')
+
+
+# ------------------------------------------------------------------------ memory
+
+
+def _cgroup_limit() -> int | None:
+  for path in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):
+    try:
+      with open(path) as f:
+        text = f.read().strip()
+    except OSError:
+      continue
+    if text.isdigit():
+      return int(text)
+  return None
+
+
+def machine_memory() -> tuple[int, str]:
+  """(bytes, description) of the memory a computation here can use at most: the host's
+  physical memory, a container's limit, and an accelerator's own memory if it reports
+  one, whichever is smallest."""
+  try:
+    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    host = None
+  limits = [(host, 'host memory')] if host else []
+  cgroup = _cgroup_limit()
+  if cgroup:
+    limits.append((cgroup, 'container memory limit'))
+  import jax  # after flag parsing: the backend starts here
+  device = jax.local_devices()[0]
+  if device.platform != 'cpu':
+    try:
+      stats = device.memory_stats() or {}
+    except Exception:  # not every backend reports memory
+      stats = {}
+    if stats.get('bytes_limit'):
+      limits.append((int(stats['bytes_limit']), f'{device.device_kind} memory'))
+  if not limits:
+    return sys.maxsize, 'unknown'
+  return min(limits)
+
+
+def _size(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'):
+    if n < 1024 or unit == 'PiB':
+      return f'{n:.3g} {unit}'
+    n /= 1024
+  raise AssertionError
+
+
+def check_memory(flag_desc: str, estimated_bytes: float,
+                 available: tuple[int, str] | None = None) -> None:
+  """Usage error, before any work, when `estimated_bytes` (a lower bound of what the
+  run needs) exceeds the machine's memory (`machine_memory()` unless `available`)."""
+  limit, where = available if available is not None else machine_memory()
+  if estimated_bytes > limit:
+    raise app.UsageError(f'{flag_desc}: needs at least {_size(estimated_bytes)} of memory '
+                         f'(estimated); this machine has {_size(limit)} ({where})')
+
+
+def training_step_bytes(mec, model, train) -> int:
+  """A lower bound on the memory of one training step: the MoE step runs every layer of
+  every expert for every user of the batch and keeps each layer's [batch, W, K, width]
+  float32 activations for the backward pass, i.e. K * L * width * 4 bytes per user
+  position and slot (the static baseline: L * static_width * 4). Parameters, optimizer
+  state and XLA's temporaries come on top, so a refused size never fits."""
+  per_user = 4 * max(model.num_experts * model.max_depth * model.width,
+                     model.max_depth * model.static_width)
+  return train.batch * mec.width * per_user
+
+
+def check_training_memory(mec, model, train) -> None:
+  check_memory(f'--batch={train.batch} with {mec.width} user positions (--n_users / '
+               '--n_max)', training_step_bytes(mec, model, train))
+
+
+# ---------------------------------------------------------------------- flagfiles
+
+
+def _flagfile_args(args: list[str]):
+  """The files named by --flagfile=F, -flagfile=F, --flagfile F (as absl reads them)."""
+  args = list(args)
+  while args:
+    arg = args.pop(0)
+    if arg == '--':
+      return
+    if arg in ('--flagfile', '-flagfile'):
+      if args:
+        yield os.path.expanduser(args.pop(0))
+    elif arg.startswith(('--flagfile=', '-flagfile=')):
+      yield os.path.expanduser(arg.split('=', 1)[1].strip())
+
+
+def flagfile_problem(args: list[str], _stack: tuple[str, ...] = ()) -> str | None:
+  """Why a flagfile named in `args` (or nested in one) cannot be read as text, or None."""
+  for path in _flagfile_args(args):
+    if not path or path in _stack:
+      continue  # absl ignores empty and circular flagfiles
+    try:
+      with open(path, 'rb') as f:
+        data = f.read()
+    except OSError as e:
+      return f'--flagfile={path}: cannot be read ({e.strerror or e})'
+    if b'\0' in data:
+      return f'--flagfile={path}: a binary file, not a flagfile of text lines'
+    try:
+      text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+      return (f'--flagfile={path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset '
+              f'{e.start})')
+    nested = [line.strip() for line in text.splitlines()
+              if line.startswith(('--flagfile=', '-flagfile='))]
+    problem = flagfile_problem(nested, _stack + (path,))
+    if problem:
+      return f'{problem} (named in {path})'
+  return None
+
+
+def run(main) -> None:
+  """absl's app.run(main), after checking every --flagfile in sys.argv (recursively)
+  is readable text: absl would otherwise end a binary one with a traceback."""
+  problem = flagfile_problem(sys.argv[1:])
+  if problem:
+    sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
+    raise SystemExit(1)
+  app.run(main)

@@ -1,15 +1,32 @@
 """The MEC system configuration: every constant of the system model, in SI units.
 
-`MECConfig` is frozen and hashable so that it can be a static argument of `jax.jit`:
-its numbers become compile-time constants. Changing any field recompiles; the number
-of active users is *not* a field that changes shapes (see `n_max` and the user mask).
+Two forms of the same numbers, in the manner of gymnax's `EnvParams`:
+
+* `MECConfig`, the front door: frozen, validated, hashable, one flag per field. As a
+  static argument of `jax.jit` its numbers become compile-time constants, so changing
+  any field recompiles.
+* `EnvParams` (`MECConfig.params()`): the fields that fix shapes and code paths (`case`,
+  the padded width) stay static; every numeric constant, `n_users` included, is a leaf
+  of a pytree of arrays, traced. One compiled program then serves every value, and a
+  sweep is a loop (or a vmap) over the leaves, never a recompile.
+
+Every function of the environment, the solvers and the evaluation reads the same
+attribute names from either form, so a `MECConfig` is accepted wherever a config is
+taken; `jit_config` jits a function so that its `config` is static when it is a
+`MECConfig` and traced when it is `EnvParams`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
 
 NOISE_PSD_DBM_PER_HZ = -174.0
 
@@ -53,6 +70,8 @@ class Range(NamedTuple):
 
 
 POSITIVE = Range(0.0, None, False)
+# K over every distance a slot can draw: the tested corners of the solvers (see _RANGES).
+SNR_COEFFICIENT_RANGE = Range(1e-12, 1e25)
 NON_NEGATIVE = Range(0.0)
 POSITIVE_INT = Range(1, integer=True)
 NON_NEGATIVE_INT = Range(0, integer=True)
@@ -93,11 +112,14 @@ class ConfigBase:
     return cls(**values)
 
 
+# Where the solvers are tested finite in float32 and float64 (tests/test_objective.py,
+# a grid of these corners); beyond them a float32 product or square overflows.
 _RANGES = {
     'n_users': POSITIVE_INT,
-    'b_max': POSITIVE, 'f_ser': POSITIVE, 'p_tx': POSITIVE, 'noise_psd': POSITIVE,
-    'g0': POSITIVE, 'path_loss_exp': POSITIVE, 'l0': POSITIVE, 'dist_min': POSITIVE,
-    's_avg': POSITIVE, 'c_avg': POSITIVE, 'd_min': POSITIVE, 'f_loc_min': POSITIVE,
+    'b_max': Range(1.0, 1e12), 'f_ser': Range(1e3, 1e13), 'p_tx': POSITIVE,
+    'noise_psd': POSITIVE, 'g0': POSITIVE, 'path_loss_exp': POSITIVE, 'l0': POSITIVE,
+    'dist_min': POSITIVE, 's_avg': Range(1e-3, 1e9), 'c_avg': Range(1e-3, 1e6),
+    'd_min': POSITIVE, 'f_loc_min': POSITIVE,
     'alpha': NON_NEGATIVE, 'beta': NON_NEGATIVE, 'delta': NON_NEGATIVE, 'gamma': POSITIVE,
     'mu': NON_NEGATIVE, 'cycles_per_op': POSITIVE,
 }
@@ -147,6 +169,21 @@ class MECConfig(ConfigBase):
         raise ConfigError(f'MECConfig.{high} = {hi!r}; must be finite and greater than '
                           f'{low} = {lo!r}')
 
+    low, high = (self.snr_coefficient(d) for d in (self.dist_max, self.dist_min))
+    if not (SNR_COEFFICIENT_RANGE.admits(low) and SNR_COEFFICIENT_RANGE.admits(high)):
+      raise ConfigError(
+          f'MECConfig: the SNR coefficient K = g0 (l0 / l)^path_loss_exp p_tx / noise_psd '
+          f'spans [{low:.3g}, {high:.3g}] Hz over l in [dist_min, dist_max]; allowed range '
+          f'{SNR_COEFFICIENT_RANGE} (change g0, l0, path_loss_exp, p_tx, noise_psd, '
+          'dist_min or dist_max)')
+
+  def snr_coefficient(self, distance: float) -> float:
+    """K (Hz) at `distance`: the SNR at bandwidth b is K / b."""
+    try:
+      return self.g0 * (self.l0 / distance) ** self.path_loss_exp * self.p_tx / self.noise_psd
+    except OverflowError:
+      return math.inf
+
   @property
   def width(self) -> int:
     """Padded number of user positions in every per-user array."""
@@ -159,3 +196,107 @@ class MECConfig(ConfigBase):
   @property
   def c_max(self) -> float:
     return 2.0 * self.c_avg
+
+  def params(self, dtype=None) -> 'EnvParams':
+    """The traced form of this config (see the module docstring)."""
+    dtype = dtype or jnp.zeros(()).dtype
+    leaves = {name: jnp.asarray(getattr(self, name), dtype) for name in SWEEPABLE
+              if name != 'n_users'}
+    return EnvParams(case=self.case, width=self.width,
+                     n_users=jnp.asarray(self.n_users, jnp.int32), **leaves)
+
+
+# Fields that fix shapes or code paths: never traced, never swept.
+STATIC_FIELDS = ('case', 'n_max')
+SWEEPABLE = tuple(f.name for f in dataclasses.fields(MECConfig) if f.name not in STATIC_FIELDS)
+
+
+@struct.dataclass
+class EnvParams:
+  """MECConfig's numbers as a pytree (leaves: scalars, or [P] along a sweep axis).
+
+  Made by `MECConfig.params()`, which has already validated every value; `sweep_params`
+  stacks one field's values for a sweep.
+  """
+  case: int = struct.field(pytree_node=False)
+  width: int = struct.field(pytree_node=False)
+  n_users: Any            # int32: users per slot (<= width)
+  b_max: Any
+  f_ser: Any
+  p_tx: Any
+  noise_psd: Any
+  g0: Any
+  path_loss_exp: Any
+  l0: Any
+  dist_min: Any
+  dist_max: Any
+  s_avg: Any
+  c_avg: Any
+  d_min: Any
+  d_max: Any
+  f_loc_min: Any
+  f_loc_max: Any
+  alpha: Any
+  beta: Any
+  delta: Any
+  gamma: Any
+  mu: Any
+  cycles_per_op: Any
+
+  @property
+  def s_max(self):
+    return 2.0 * self.s_avg
+
+  @property
+  def c_max(self):
+    return 2.0 * self.c_avg
+
+
+Config = MECConfig | EnvParams
+
+
+def sweep_params(config: MECConfig, field: str, values) -> EnvParams:
+  """`config.params()` with `field` stacked over `values`: every leaf gets a leading
+  axis [P] (the others repeated), so the result can be vmapped or indexed per point.
+
+  Every value is validated through `MECConfig` first; a field that fixes shapes is
+  refused with the fields that can be swept.
+  """
+  if field not in SWEEPABLE:
+    raise ConfigError(f'cannot sweep MECConfig.{field}: it fixes shapes or code paths; '
+                      f'fields that can be swept: {", ".join(SWEEPABLE)}')
+  values = list(values)
+  if not values:
+    raise ConfigError(f'sweep of MECConfig.{field}: no values given')
+  points = [config.replace(**{field: v}) for v in values]
+  wider = [p for p in points if p.width != config.width]
+  if wider:
+    raise ConfigError(f'sweep of MECConfig.{field}: value {getattr(wider[0], field)!r} '
+                      f'changes the padded width {config.width}; set n_max to at least '
+                      'the largest n_users swept')
+  points = [p.params() for p in points]
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *points)
+
+
+def point_params(params: EnvParams, index: int) -> EnvParams:
+  """Point `index` of a stacked `sweep_params` (scalar leaves)."""
+  return jax.tree.map(lambda leaf: leaf[index], params)
+
+
+def jit_config(fn: Callable | None = None, *, static_argnames: tuple[str, ...] = ()):
+  """`jax.jit` whose `config` argument is static for a `MECConfig` (compile-time
+  constants, one compile per config) and traced for `EnvParams` (one compile for all
+  values); both variants are built once."""
+  if fn is None:
+    return functools.partial(jit_config, static_argnames=static_argnames)
+  static = jax.jit(fn, static_argnames=tuple(static_argnames) + ('config',))
+  traced = jax.jit(fn, static_argnames=tuple(static_argnames))
+  signature = inspect.signature(fn)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    config = signature.bind(*args, **kwargs).arguments['config']
+    return (traced if isinstance(config, EnvParams) else static)(*args, **kwargs)
+
+  call.static_variant, call.traced_variant = static, traced
+  return call

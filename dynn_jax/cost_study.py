@@ -24,13 +24,14 @@ import time
 import numpy as np
 
 from dynn_jax.config import MECConfig
-from dynn_jax.io import cached_json, read_json
+from dynn_jax.io import (DictOf, Integer, Number, OneOf, Optional, cached_json, check_schema,
+                         read_json)
 from dynn_jax.models import ModelConfig
-from dynn_jax.training import (HeldOut, TrainConfig, held_out, subnetwork_gaps,
-                               train_allocator)
+from dynn_jax.quality import HELD_OUT_SEED, HeldOut, held_out, subnetwork_gaps
+from dynn_jax.training.config import TrainConfig
+from dynn_jax.training.loop import train_allocator
 
 KINDS = ('full', 'width', 'depth')
-HELD_OUT_SEED = 20_011  # not a training stream: training keys come from fold_in
 
 
 def _kind_mask(kind: str, model: ModelConfig) -> np.ndarray:
@@ -142,6 +143,7 @@ def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: fl
   """
   held = held_out(mec, eval_slots, HELD_OUT_SEED)
   settings = {'mec': mec.to_dict(), 'model': model.to_dict(), 'bar': bar,
+              'held_out_seed': HELD_OUT_SEED,
               'max_steps': max_steps, 'eval_slots': eval_slots}
   results = []
   for seed in seeds:
@@ -157,7 +159,9 @@ def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: fl
         results.append(cached_json(
             os.path.join(cache_dir, f'{kind}_{schedule}_seed{seed}.json'), run,
             f'cost-study run {kind}/{schedule}/seed {seed}',
-            valid=lambda r, expected=run_settings: r.get('settings') == expected))
+            valid=lambda r, expected=run_settings: (isinstance(r, dict) and
+                                                    r.get('settings') == expected),
+            schema=RUN_SCHEMA))
   return {'bar': bar, 'max_steps': max_steps, 'seeds': list(seeds), 'results': results,
           **_speedups(results, kinds, seeds)}
 
@@ -185,16 +189,42 @@ STUDY_FIELDS = ('bar', 'results', 'speedup', 'speedup_range', 'step_speedup')
 RUN_FIELDS = ('kind', 'schedule', 'seed', 'reached', 'steps', 'seconds', 'history',
               'stage_starts', 'first_at_bar', 'limiting')
 
+_STEP = Integer(0)
+_KL = (Integer(1), Integer(1))
+# What `time_to_bar` writes (and the report reads) for one run.
+RUN_SCHEMA = {
+    'kind': OneOf(KINDS), 'schedule': OneOf(('progressive', 'scratch')), 'seed': _STEP,
+    'reached': bool, 'steps': _STEP, 'seconds': Number(0.0),
+    'seconds_with_compile': Optional(Number(0.0)),
+    'history': [{'stage_target': str, 'step': _STEP, 'worst_gap': float}],
+    'stage_starts': [{'target': str, 'step': _STEP}],
+    'first_at_bar': [[Integer(-1)]],
+    'limiting': [_KL],
+    'settings': Optional(dict),
+}
+STUDY_SCHEMA = {
+    'bar': Number(0.0), 'max_steps': Optional(Integer(1)), 'seeds': Optional([_STEP]),
+    'results': [RUN_SCHEMA],
+    'speedup': DictOf(Number(0.0)),
+    'speedup_range': DictOf((Number(0.0), Number(0.0))),
+    'step_speedup': DictOf(Number(0.0)),
+    'config': Optional(dict),
+}
+
 
 def load_study(path: str) -> dict:
-  """A `run_study` JSON, checked to have every field the report reads."""
+  """A `run_study` JSON, checked against `STUDY_SCHEMA` (types, ranges, non-empty
+  lists), with the field named in the error."""
   study = read_json(path, 'cost study')
   if not isinstance(study, dict):
     raise ValueError(f'cost study {path} is not a JSON object made by launch/train_cost.py')
   missing = [f for f in STUDY_FIELDS if f not in study]
-  for i, run in enumerate(study.get('results', [])):
-    missing += [f'results[{i}].{f}' for f in RUN_FIELDS if f not in run]
+  results = study.get('results')
+  for i, run in enumerate(results if isinstance(results, list) else []):
+    if isinstance(run, dict):
+      missing += [f'results[{i}].{f}' for f in RUN_FIELDS if f not in run]
   if missing:
     raise ValueError(f'cost study {path} lacks {", ".join(missing[:5])}: it was made by an '
                      'older launch/train_cost.py; run it again')
+  check_schema(study, STUDY_SCHEMA, f'cost study {path}')
   return study

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dynn_jax.config import MECConfig
+from dynn_jax.config import Config
 
 Array = jax.Array
 _LN2 = math.log(2.0)
@@ -71,13 +71,13 @@ def safe_div(num: Array, den: Array) -> Array:
   return jnp.where(~zero_num & (den == 0), jnp.inf, value)
 
 
-def snr_coefficient(l: Array, config: MECConfig) -> Array:
+def snr_coefficient(l: Array, config: Config) -> Array:
   """K_i (Hz) such that the SNR at bandwidth b is K_i / b."""
   gain = config.g0 * (config.l0 / l) ** config.path_loss_exp
   return gain * config.p_tx / config.noise_psd
 
 
-def uplink_rate(b: Array, l: Array, config: MECConfig) -> Array:
+def uplink_rate(b: Array, l: Array, config: Config) -> Array:
   """Shannon rate b log2(1 + K / b) in bit/s; 0 at b = 0 with a finite gradient."""
   k = snr_coefficient(l, config)
   positive = b > 0
@@ -85,7 +85,7 @@ def uplink_rate(b: Array, l: Array, config: MECConfig) -> Array:
   return jnp.where(positive, b_safe * jnp.log1p(k / b_safe) / _LN2, 0.0)
 
 
-def transmission_delay(s: Array, b: Array, l: Array, config: MECConfig) -> Array:
+def transmission_delay(s: Array, b: Array, l: Array, config: Config) -> Array:
   return safe_div(s, uplink_rate(b, l, config))
 
 
@@ -93,7 +93,7 @@ def compute_delay(s: Array, c: Array, f: Array) -> Array:
   return safe_div(c * s, f)
 
 
-def importance_weight(slots: Slots, config: MECConfig) -> Array:
+def importance_weight(slots: Slots, config: Config) -> Array:
   """w_i = gamma (c_i / c_max)(s_i / s_max) / d_i[ms]; zero for padded users."""
   w = config.gamma * (slots.c / config.c_max) * (slots.s / config.s_max) / (slots.d * 1e3)
   return jnp.where(slots.mask, w, 0.0)
@@ -116,7 +116,7 @@ def _open_low(u: Array) -> Array:
   return jnp.maximum(u, 1.0 / 65535.0)
 
 
-def sample_slots(key: Array, config: MECConfig, batch: int | None = None,
+def sample_slots(key: Array, config: Config, batch: int | None = None,
                  n_users: int | Array | None = None, dtype=None) -> Slots:
   """Draws `batch` slots ([batch, W] arrays; [W] when batch is None).
 
@@ -144,13 +144,13 @@ def sample_slots(key: Array, config: MECConfig, batch: int | None = None,
 
 
 # Ranges that map every feature into [0, 1] (see WORKSPACE.md, "Features").
-def feature_ranges(config: MECConfig) -> tuple[tuple[float, float], ...]:
+def feature_ranges(config: Config) -> tuple[tuple[float, float], ...]:
   f_lo, f_hi = (0.0, 1.0) if config.case == 1 else (config.f_loc_min, config.f_loc_max)
   return ((0.0, config.s_max), (0.0, config.c_max), (config.d_min, config.d_max),
           (config.dist_min, config.dist_max), (f_lo, f_hi))
 
 
-def normalized_features(slots: Slots, config: MECConfig) -> Array:
+def normalized_features(slots: Slots, config: Config) -> Array:
   """u_i = (s, c, d, l, f_loc) mapped to [0, 1]: [..., W, 5]; zero for padded users."""
   columns = []
   for value, (lo, hi) in zip((slots.s, slots.c, slots.d, slots.l, slots.f_loc),
@@ -163,7 +163,7 @@ def normalized_features(slots: Slots, config: MECConfig) -> Array:
 NUM_FEATURES = 5
 
 
-def edge_delays(slots: Slots, b: Array, f: Array, config: MECConfig) -> tuple[Array, Array]:
+def edge_delays(slots: Slots, b: Array, f: Array, config: Config) -> tuple[Array, Array]:
   """(T_tra, T_com) for every user as if offloaded with bandwidth b and CPU f."""
   return transmission_delay(slots.s, b, slots.l, config), compute_delay(slots.s, slots.c, f)
 
@@ -172,22 +172,24 @@ def local_delay(slots: Slots) -> Array:
   return safe_div(slots.c * slots.s, slots.f_loc)
 
 
-def local_energy(slots: Slots, config: MECConfig) -> Array:
+def local_energy(slots: Slots, config: Config) -> Array:
   """E_loc_i = mu c_i s_i f_loc_i^2."""
   return config.mu * slots.c * slots.s * slots.f_loc ** 2
 
 
 def weighted_edge_delay(slots: Slots, x: Array, b: Array, f: Array,
-                        config: MECConfig) -> Array:
+                        config: Config) -> Array:
   """sum_i w_i (T_tra_i + T_com_i) over offloaded real users: [...]."""
   t_tra, t_com = edge_delays(slots, b, f, config)
   take = jnp.asarray(x).astype(bool) & slots.mask
   return _weighted_sum(importance_weight(slots, config), take, t_tra + t_com)
 
 
-def _scaled(weight: float, value: Array) -> Array:
+def _scaled(weight, value: Array) -> Array:
   # A zero weight drops the term even where it is +inf (0 * inf would be NaN).
-  return weight * value if weight else jnp.zeros(value.shape)
+  if isinstance(weight, (int, float)):
+    return weight * value if weight else jnp.zeros(value.shape)
+  return jnp.where(weight == 0, 0.0, weight * value)
 
 
 def _weighted_sum(w: Array, take: Array, t: Array) -> Array:
@@ -195,7 +197,7 @@ def _weighted_sum(w: Array, take: Array, t: Array) -> Array:
   return jnp.where(take & (w > 0), w * t, 0.0).sum(-1)
 
 
-def slot_costs(slots: Slots, decision: Decision, config: MECConfig,
+def slot_costs(slots: Slots, decision: Decision, config: Config,
                t_inf_edge: Array | float = 0.0, t_inf_loc: Array | float = 0.0) -> Costs:
   """Every delay, energy, miss and the objective of SPEC section 1.
 

@@ -19,8 +19,11 @@ can tell apart.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import sys
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,23 +32,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dynn_jax import ops
-from dynn_jax.config import MECConfig
+from dynn_jax.config import EnvParams, MECConfig, point_params, sweep_params
 from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
-from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
-                             allocate, option_to_kl)
+from dynn_jax.models import (ModelConfig, Policy, Scheduler, StaticAllocator, allocate,
+                             exit_sorted_apply, option_to_kl)
+from dynn_jax.networks import Params
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
                               joint_objective_bound, objective_bound, optimal_allocation,
                               oracle, random_offload)
 
 Array = jax.Array
-
-
-class Params(NamedTuple):
-  """Trained parameters (None where a network was not trained)."""
-  allocator: Any = None
-  static: Any = None
-  policy: Any = None
-  scheduler: Any = None
 
 
 class Outcome(NamedTuple):
@@ -132,7 +128,8 @@ def _moe_method(fix: str, use_policy: bool):
     else:
       k = jnp.full(batch, model.num_experts, jnp.int32)
       l = jnp.full(batch, model.max_depth, jnp.int32)
-    out = MoEAllocator(model).apply({'params': params.allocator}, feats, x, k, l)
+    # Each slot runs only the exit it picked (the masked path would run all of them).
+    out = exit_sorted_apply(model, {'params': params.allocator}, feats, x, k, l)
     edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=use_policy)
     return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
   return run
@@ -239,7 +236,71 @@ def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:
   return tuple(n for n in names if _problem(n, params, mec) is None)
 
 
-# Results key of the objective's lower bound (present when 'oracle' runs).
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """What `evaluate` returns: for every method and metric, the mean over the slots and
+  the 95% confidence half-width ({'mean': ..., 'ci95': ...}).
+
+  `bound` is the objective's lower bound on the same slots (when the oracle ran);
+  `slots_of` names the methods that were evaluated on other slots than `slots` (a
+  reproduction point runs the GA and the oracle on fewer).
+  """
+  methods: dict
+  slots: int
+  mode: str = 'modelled'
+  devices: int = 1
+  bound: dict | None = None
+  slots_of: dict = dataclasses.field(default_factory=dict)
+
+  def __getitem__(self, name: str) -> dict:
+    return self.methods[name]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.methods
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(self.methods)
+
+  def mean(self, name: str, metric: str = 'objective') -> float:
+    return self.methods[name][metric]['mean']
+
+  def merged(self, other: 'EvalResult', prefix: str = '', names=None,
+             bound: bool = False) -> 'EvalResult':
+    """These results plus `other`'s methods (those in `names`, default all) under
+    `prefix`; `other`'s bound too when `bound`. Methods whose slots differ from these
+    are recorded in `slots_of`."""
+    names = other.names if names is None else tuple(names)
+    slots_of = dict(self.slots_of)
+    for name in names:
+      theirs = other.slots_of.get(name, other.slots)
+      if theirs != self.slots:
+        slots_of[prefix + name] = theirs
+    return dataclasses.replace(
+        self, methods=self.methods | {prefix + n: other.methods[n] for n in names},
+        bound=other.bound if bound else self.bound, slots_of=slots_of)
+
+  def to_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    if self.bound is None:  # absent rather than null: JSON readers need no None case
+      del out['bound']
+    return out
+
+  @classmethod
+  def from_dict(cls, data: dict) -> 'EvalResult':
+    """From `to_dict`, or from the flat layout of files written before this type (method
+    entries beside '_slots', '_mode', '_devices', '_bound', '_ga_slots')."""
+    if 'methods' in data:
+      return cls(**data)
+    methods = {k: v for k, v in data.items() if not k.startswith('_')}
+    slots = data['_slots']
+    return cls(methods=methods, slots=slots, mode=data.get('_mode', 'modelled'),
+               devices=data.get('_devices', 1),
+               bound=data['_bound']['objective'] if '_bound' in data else None,
+               slots_of={'ga': data['_ga_slots']} if '_ga_slots' in data else {})
+
+
+# Key of the objective's lower bound among a chunk's sums (present when 'oracle' runs).
 BOUND = '_bound'
 METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_delay',
            'inference_share', 'ops', 'offload_ratio')
@@ -261,57 +322,158 @@ def batch_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('batch',))
 
 
-def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Params,
-               chunk: int, n_users=None, mesh: Mesh | None = None) -> dict:
-  """Sums and sums of squares of every metric over one chunk of fresh slots.
+_TRACES = collections.Counter()
 
-  With a mesh, the slots are split over its devices along the batch axis; the
+
+def chunk_trace_count() -> int:
+  """How many times the evaluation chunk has been traced (compiles, in effect)."""
+  return _TRACES['chunk']
+
+
+def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Params,
+               chunk: int, env: EnvParams, valid: Array, mesh: Mesh | None = None) -> dict:
+  """Sums and sums of squares of every metric over the first `valid` of `chunk` fresh
+  slots, on the system `env` (traced: every value of a sweep runs this one program).
+
+  `setting.mec` gives only what fixes shapes (case, width); every number comes from
+  `env`. With a mesh, the slots are split over its devices along the batch axis; the
   sampled values do not depend on the number of devices (partitionable threefry).
   """
+  _TRACES['chunk'] += 1  # runs at trace time only
+  setting = dataclasses.replace(setting, mec=env)
   k_slots, k_methods = jax.random.split(key)
-  slots = sample_slots(k_slots, setting.mec, chunk, n_users=n_users)
+  slots = sample_slots(k_slots, env, chunk)
   if mesh is not None:
     slots = jax.lax.with_sharding_constraint(slots, NamedSharding(mesh, P('batch')))
+  # The last chunk of an evaluation is cut to the slots asked: the rest weigh nothing.
+  weight = (jnp.arange(chunk) < valid).astype(slots.s.dtype)
+  count = jnp.maximum(weight.sum(), 1.0)
+
+  def sums(v):  # (sum, sum of squared deviations from the chunk's mean): see _combine
+    total = (weight * v).sum()
+    return total, (weight * jnp.square(v - total / count)).sum()
+
   out = {}
   if 'oracle' in names:  # the yardstick's yardstick: how far the oracle itself may be
-    bound = lower_bound(setting, slots)
-    out[BOUND] = {'objective': (bound.sum(), (bound * bound).sum())}
+    out[BOUND] = {'objective': sums(lower_bound(setting, slots))}
   for i, name in enumerate(names):
     outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), slots, params)
     metrics = _slot_metrics(setting, outcome, slots)
-    out[name] = {m: (v.sum(), (v * v).sum()) for m, v in metrics.items()}
+    out[name] = {m: sums(v) for m, v in metrics.items()}
   return out
 
 
-def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int = 8192,
-             seed: int = 0, n_users=None, mesh: Mesh | None = None) -> dict:
-  """Means and 95% confidence half-widths of every metric, for every method.
+_chunk_sums = jax.jit(chunk_sums, static_argnames=('setting', 'names', 'chunk', 'mesh'))
 
-  Slots come in chunks of `chunk` (rounded up to a multiple of the device count), so
-  memory does not grow with `slots`; every chunk is split over `mesh` (default: all
-  devices).
+
+class Progress:
+  """Slots done, slots/s and ETA of an evaluation, printed at most every `every_s`."""
+
+  def __init__(self, total: int, label: str = 'eval', every_s: float = 10.0,
+               stream=None):
+    self.total, self.label, self.every_s = total, label, every_s
+    self.stream = sys.stdout if stream is None else stream
+    self.done, self.t0 = 0, time.perf_counter()
+    self.last = self.t0
+
+  def add(self, slots: int) -> None:
+    self.done += slots
+    now = time.perf_counter()
+    if now - self.last < self.every_s and self.done < self.total:
+      return
+    self.last = now
+    rate = self.done / max(now - self.t0, 1e-9)
+    eta = (self.total - self.done) / rate
+    print(f'[{self.label}] {self.done}/{self.total} slots, {rate:.3g} slots/s, '
+          f'ETA {eta:.0f}s', file=self.stream, flush=True)
+
+
+def _chunks(slots: int, chunk: int, devices: int) -> tuple[int, int]:
+  """(number of chunks, slots per chunk): `chunk` (no more than `slots`) rounded up
+  to a multiple of the device count; the last chunk may be only partly counted."""
+  if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+    raise ValueError(f'slots = {slots!r}; must be a positive integer')
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+    raise ValueError(f'chunk = {chunk!r}; must be a positive integer')
+  chunk = devices * math.ceil(min(chunk, slots) / devices)
+  return math.ceil(slots / chunk), chunk
+
+
+def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int = 8192,
+             seed: int = 0, n_users=None, mesh: Mesh | None = None,
+             env: EnvParams | None = None, progress: Progress | None = None) -> EvalResult:
+  """Means and 95% confidence half-widths of every metric, for every method, over
+  exactly `slots` slots.
+
+  Slots come in chunks of about `chunk` (a multiple of the device count), so memory
+  does not grow with `slots`; every chunk is split over `mesh` (default: all devices).
+  The system's numbers are traced (`env`, default `setting.mec.params()`, with
+  `n_users` if given), so evaluations that differ only in them share one compile.
   """
   names = tuple(names)
   check_methods(names, params, setting)
   mesh = batch_mesh() if mesh is None else mesh
   devices = mesh.devices.size
-  n_chunks = math.ceil(slots / chunk)
-  chunk = devices * math.ceil(slots / (n_chunks * devices))  # n_chunks * chunk >= slots
-  run = jax.jit(chunk_sums, static_argnums=(0, 1, 4, 6))
+  n_chunks, chunk = _chunks(slots, chunk, devices)
+  env = setting.mec.params() if env is None else env
+  if n_users is not None:
+    env = env.replace(n_users=jnp.asarray(n_users, jnp.int32))
+  # Only what fixes shapes stays static, so every system of this case and width
+  # shares the compiled chunk.
+  static = dataclasses.replace(setting, mec=MECConfig(case=setting.mec.case, n_users=1,
+                                                      n_max=setting.mec.width))
   key = jax.random.PRNGKey(seed)
   totals = None
   for i in range(n_chunks):
-    sums = jax.device_get(run(setting, names, jax.random.fold_in(key, i), params, chunk,
-                              n_users, mesh))
-    sums = jax.tree.map(lambda a: np.float64(a), sums)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  n = n_chunks * chunk
-  return {name: {m: _mean_ci(s, q, n) for m, (s, q) in metrics.items()}
-          for name, metrics in totals.items()} | {
-              '_slots': n, '_mode': setting.mode, '_devices': devices}
+    valid = min(chunk, slots - i * chunk)
+    sums = jax.device_get(_chunk_sums(static, names, jax.random.fold_in(key, i), params,
+                                      chunk, env, valid, mesh))
+    part = jax.tree.map(lambda t: _Moments.of(valid, *t), sums,
+                        is_leaf=lambda t: isinstance(t, tuple))
+    totals = part if totals is None else jax.tree.map(
+        _Moments.combine, totals, part, is_leaf=lambda t: isinstance(t, _Moments))
+    if progress is not None:
+      progress.add(valid)
+  stats = {name: {m: moments.mean_ci() for m, moments in metrics.items()}
+           for name, metrics in totals.items()}
+  bound = stats.pop(BOUND, None)
+  return EvalResult(methods=stats, slots=slots, mode=setting.mode, devices=devices,
+                    bound=None if bound is None else bound['objective'])
 
 
-def _mean_ci(total: float, squares: float, n: int) -> dict:
-  mean = total / n
-  var = max(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)
-  return {'mean': float(mean), 'ci95': float(1.96 * math.sqrt(var / n))}
+def evaluate_sweep(setting: Setting, names, params: Params, field: str, values, *,
+                   slots: int, chunk: int = 8192, seed: int = 0, mesh: Mesh | None = None,
+                   progress: bool = False) -> list[EvalResult]:
+  """`evaluate` at every value of one MECConfig field, in one compilation: the field is
+  a traced leaf of `EnvParams`, so every point runs the same compiled chunk. Every
+  point sees the same random draws (same seed), so differences between points are the
+  field's effect, not sampling noise. A field that fixes shapes is refused."""
+  envs = sweep_params(setting.mec, field, values)
+  values = list(values)
+  tracker = Progress(slots * len(values), f'sweep {field}') if progress else None
+  return [evaluate(setting, names, params, slots=slots, chunk=chunk, seed=seed, mesh=mesh,
+                   env=point_params(envs, i), progress=tracker)
+          for i in range(len(values))]
+
+
+class _Moments(NamedTuple):
+  """Count, mean and sum of squared deviations of one metric, merged chunk by chunk in
+  float64 (Chan et al.'s pairwise update): a float32 sum of squares minus the squared
+  mean would lose the spread where it is small next to the mean."""
+  n: int
+  mean: float
+  m2: float
+
+  @classmethod
+  def of(cls, n: int, total, m2) -> '_Moments':
+    return cls(n, float(total) / n, float(m2))
+
+  def combine(self, other: '_Moments') -> '_Moments':
+    n = self.n + other.n
+    delta = other.mean - self.mean
+    return _Moments(n, self.mean + delta * other.n / n,
+                    self.m2 + other.m2 + delta * delta * self.n * other.n / n)
+
+  def mean_ci(self) -> dict:
+    var = max(self.m2, 0.0) / max(self.n - 1, 1)
+    return {'mean': self.mean, 'ci95': 1.96 * math.sqrt(var / self.n)}

@@ -16,9 +16,11 @@ is refused unless `allow_other_device` is set.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynn_jax.config import MECConfig
 from dynn_jax.io import read_json
@@ -47,11 +49,18 @@ class MeasuredTable:
   device: tuple[tuple[str, str], ...]
 
   def pipeline(self, k, l, *, policy: bool, scheduler: bool, static: bool = False):
-    """(T_inf_edge, T_inf_loc) in s for the networks run; k, l may be traced arrays."""
+    """(T_inf_edge, T_inf_loc) in s for the networks run; k, l may be traced arrays.
+
+    Concrete k, l outside 1..K, 1..L raise: indexing would clamp or wrap them into
+    another exit's time. Traced ones come from the policy, which only picks valid exits.
+    """
     sched = self.scheduler_s if scheduler else 0.0
     if static:
       edge = jnp.asarray(self.static_s)
     else:
+      for name, value, top in (('k', k, len(self.allocator_s)),
+                               ('l', l, len(self.allocator_s[0]))):
+        _check_exit(name, value, top)
       table = jnp.asarray(self.allocator_s)
       edge = table[jnp.asarray(k) - 1, jnp.asarray(l) - 1]
     edge = edge + sched + (self.policy_s if policy else 0.0)
@@ -62,17 +71,66 @@ class MeasuredTable:
     return zeros + dict(self.solvers_s).get(name, 0.0)
 
 
+def _check_exit(name: str, value, top: int) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  values = np.asarray(value)
+  if not np.issubdtype(values.dtype, np.integer):
+    raise ValueError(f'MeasuredTable.pipeline: {name} has dtype {values.dtype}; exits are '
+                     'integers')
+  bad = values[(values < 1) | (values > top)]
+  if bad.size:
+    raise ValueError(f'MeasuredTable.pipeline: {name} = {bad.ravel()[:4].tolist()}; the '
+                     f'table has exits {name} = 1..{top}')
+
+
+def _seconds(value, field: str, path: str) -> float:
+  """A measured time: a finite number > 0 (a NaN, zero or negative entry would give a
+  NaN, zero or negative delay and no misses)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) \
+      or not math.isfinite(value) or value <= 0:
+    raise ValueError(f'latency table {path}: {field} = {value!r}; every measured time must '
+                     'be a finite number of seconds > 0')
+  return float(value)
+
+
+def _allocator_s(rows, path: str) -> tuple[tuple[float, ...], ...]:
+  """[K][L] seconds, rectangular and non-empty."""
+  if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+    raise ValueError(f'latency table {path}: allocator_s must be a non-empty list of rows '
+                     f'(one per k), each a list of seconds (one per l)')
+  width = len(rows[0])
+  for k, row in enumerate(rows):
+    if len(row) != width or not row:
+      raise ValueError(f'latency table {path}: allocator_s is ragged or empty: row {k} '
+                       f'has {len(row)} entries, row 0 has {width}; expected K rows of L')
+  return tuple(tuple(_seconds(v, f'allocator_s[{k}][{l}]', path) for l, v in enumerate(row))
+               for k, row in enumerate(rows))
+
+
 def from_dict(data: dict, path: str = '<table>') -> MeasuredTable:
-  try:
-    return MeasuredTable(
-        allocator_s=tuple(tuple(float(v) for v in row) for row in data['allocator_s']),
-        static_s=float(data['static_s']), policy_s=float(data['policy_s']),
-        scheduler_s=float(data['scheduler_s']),
-        solvers_s=tuple(sorted((RENAMED.get(k, k), float(v))
-                               for k, v in data.get('solvers_s', {}).items())),
-        device=tuple(sorted((k, str(data['device'][k])) for k in DEVICE_KEYS)))
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'latency table {path} is missing or has a bad field: {e!r}') from None
+  """The table of a benchmark's JSON; every field checked (shape, finite, > 0)."""
+  if not isinstance(data, dict):
+    raise ValueError(f'latency table {path} is not a JSON object')
+  missing = [k for k in ('allocator_s', 'static_s', 'policy_s', 'scheduler_s', 'device')
+             if k not in data]
+  if missing:
+    raise ValueError(f'latency table {path} lacks the field(s) {missing}')
+  solvers = data.get('solvers_s', {})
+  device = data['device']
+  if not isinstance(solvers, dict):
+    raise ValueError(f'latency table {path}: solvers_s must be an object of seconds')
+  if not isinstance(device, dict) or any(k not in device for k in DEVICE_KEYS):
+    raise ValueError(f'latency table {path}: device must be an object with '
+                     f'{list(DEVICE_KEYS)}')
+  return MeasuredTable(
+      allocator_s=_allocator_s(data['allocator_s'], path),
+      static_s=_seconds(data['static_s'], 'static_s', path),
+      policy_s=_seconds(data['policy_s'], 'policy_s', path),
+      scheduler_s=_seconds(data['scheduler_s'], 'scheduler_s', path),
+      solvers_s=tuple(sorted((RENAMED.get(k, k), _seconds(v, f'solvers_s.{k}', path))
+                             for k, v in solvers.items())),
+      device=tuple(sorted((k, str(device[k])) for k in DEVICE_KEYS)))
 
 
 def load_table(path: str, model: ModelConfig, mec: MECConfig,
@@ -82,7 +140,7 @@ def load_table(path: str, model: ModelConfig, mec: MECConfig,
   if not isinstance(data, dict) or data.get('format') != TABLE_FORMAT:
     raise ValueError(f'latency table {path}: not a format-{TABLE_FORMAT} latency table')
   table = from_dict(data, path)
-  shape = (len(table.allocator_s), len(table.allocator_s[0]) if table.allocator_s else 0)
+  shape = (len(table.allocator_s), len(table.allocator_s[0]))
   if shape != (model.num_experts, model.max_depth):
     raise ValueError(f'latency table {path} has {shape[0]} x {shape[1]} exits; the model '
                      f'has K x L = {model.num_experts} x {model.max_depth}')

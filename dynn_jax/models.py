@@ -4,7 +4,7 @@ Everything reads `normalized_features` ([..., W, 5], see `dynn_jax.env`) and a b
 mask [..., W]; leading batch axes are optional and free. Sizes live in `ModelConfig`
 (frozen and hashable, so it can be a static jit argument, like `MECConfig`).
 
-Allocation DyNN (`MoEAllocator`), one set of parameters, two inference paths:
+Allocation DyNN (`MoEAllocator`), one set of parameters, three inference paths:
 
 * Batched (training, large evaluations)::
 
@@ -26,6 +26,34 @@ Allocation DyNN (`MoEAllocator`), one set of parameters, two inference paths:
   those variants with `lax.switch`. Both match the batched path to 1e-5. Under `vmap`
   a `lax.switch` on a batched index becomes a select that runs every branch, so a
   batch only skips work when all its slots share one (k, l) (group slots by (k, l)).
+* Exit-sorted (`exit_sorted_apply(config, variables, features, offload_mask, k, l,
+  block=EXIT_SORTED_BLOCK)`, features [B, W, 5], k and l [B]): the grouping done on
+  device, inside one traced function, so it can sit inside a jitted evaluation. The
+  masked path costs every slot all K experts and L layers whatever it picked; here a
+  batch whose slots pick different exits pays only for the exits picked. Slots are
+  stably sorted by option, each option's group is padded to whole blocks of `block`
+  slots (a static layout of ceil(B / block) + K * L - 1 blocks, the unused ones empty)
+  and a `lax.map` over the blocks `lax.switch`es on the block's option to the
+  per-slot variant of that exit, vmapped over the block's slots; the results are
+  gathered back into slot order. The option is a per-block scalar, never a batched
+  one, because under `vmap` a switch on a batched index runs every branch. It
+  compiles all K * L variants once (a few seconds at the paper's size) and retraces
+  only for a new shape, never for a new mix of exits; padding slots re-read a real
+  slot and are never read back. Under an outer `vmap` the option becomes batched and
+  the saving is lost: keep the slot axis the function's own.
+
+  Block size: on a 2-core x86 CPU shared with other jobs, with B = 8192 slots, W = 45,
+  K = 10, L = 3, width 64 and random parameters, `python -c 'from dynn_jax.benchmark
+  import block_sweep; block_sweep()'` (all paths timed in interleaved rounds, medians
+  of >= 5 calls, load average 3-4 from other jobs) gave, in thousands of slots/s for
+  block 8 / 16 / 32 / 64 / 128: a uniform mix 22 / 23 / 22 / 19 / 12 (masked path
+  3.5, exit-bucketed with chunk 16 on the host 19) and a skewed mix (P(option) ~
+  1 / (option + 1)^2, about 60% at (1, 1), every exit present) 77 / 84 / 69 / 40 / 24
+  (masked 1.9, exit-bucketed 61). Small blocks win for the reason small chunks win in
+  `bucketed_apply`: every slot gathers its own k experts' weights, [block, k, width,
+  width] per layer, which should stay in cache; below 16 the per-block overhead
+  takes over. Hence `EXIT_SORTED_BLOCK = 16`. The shipped policies pick one exit for
+  nearly every sampled slot, where the layout wastes at most one partial block.
 
 The output is an `Allocation`: per-user logits of head A (bandwidth) and head B (CPU),
 their masked softmax over the offloaded users (`b_share`, `f_share`: in [0, 1], summing
@@ -50,7 +78,8 @@ Out-of-range inputs: a concrete (k, l) outside 1..K x 1..L, a user axis longer t
 `max_users` (N_max), a wrong feature width or a non-bool mask raise `ValueError` where
 they enter (`ModelConfig`, `apply`, `per_slot_apply`, `dynn_jax.ops`). A *traced* (k, l)
 cannot raise, so out-of-range traced values make every output NaN instead of being
-clipped.
+clipped (per slot in the batched and exit-sorted paths). `option_to_kl` and
+`kl_to_option` raise for concrete out-of-range values and pass traced ones through.
 
 `Scheduler` (per-user offload probability), `Policy` (logits over the K * L options,
 option = (k - 1) * L + (l - 1); see `option_to_kl`, `kl_to_option`) and
@@ -468,6 +497,102 @@ def switch_apply(config: ModelConfig):
   return call
 
 
+def exit_sorted_trace_count(config: ModelConfig) -> int:
+  """How many times `exit_sorted_apply(config, ...)` has been traced (any block size)."""
+  return _TRACES[(config, 'exit_sorted')]
+
+
+EXIT_SORTED_BLOCK = 16  # measured: see the module docstring
+
+
+def exit_sorted_apply(config: ModelConfig, variables: dict, features: Array,
+                      offload_mask: Array, k, l, *, block: int = EXIT_SORTED_BLOCK
+                      ) -> Allocation:
+  """Exit-sorted batched inference on device: every slot runs only its own exit (k, l).
+
+  features [B, W, 5], offload_mask bool [B, W], k and l int [B] (or scalars), concrete
+  or traced; config and block are static. Slots are sorted by option, each option's
+  group is padded to whole blocks of `block` slots, and a `lax.map` over the blocks
+  `lax.switch`es on the block's (unbatched) option to the per-slot variant of that
+  exit vmapped over the block; empty blocks take a branch that computes nothing. Same
+  `Allocation` as `moe_forward` to float rounding; concrete (k, l) out of range raise,
+  traced ones give NaN for their slots. Cost: ceil(B / block) + K * L - 1 block steps
+  at most, a compile of all K * L variants, no host round trip (see the module
+  docstring for when this beats the masked path).
+  """
+  if not ((_is_int(block) or isinstance(block, np.integer)) and block >= 1):
+    raise ValueError(f'block = {block!r}; must be a positive integer (slots per block)')
+  features, offload_mask = check_inputs(config, features, offload_mask)
+  if features.ndim != 3:
+    raise ValueError(f'features have shape {features.shape}; expected [B, W, '
+                     f'{NUM_FEATURES}] (one batch axis)')
+  batch = features.shape[:1]
+  k, l, _ = check_kl(config, k, l, batch)
+  k, l = jnp.broadcast_to(k, batch), jnp.broadcast_to(l, batch)
+  return _exit_sorted_jit(config, int(block))(variables, features, offload_mask, k, l)
+
+
+@functools.lru_cache(maxsize=None)
+def _exit_sorted_jit(config: ModelConfig, block: int):
+  options = [(k, l) for k in range(1, config.num_experts + 1)
+             for l in range(1, config.max_depth + 1)]
+  num = len(options)
+
+  def variant(kk, ll):
+    return jax.vmap(functools.partial(_per_slot_one, config, kk, ll), (None, 0, 0))
+
+  def run(variables, features, offload_mask, k, l):
+    _TRACES[(config, 'exit_sorted')] += 1  # runs at trace time only
+    p = _unwrap(variables)
+    size = k.shape[0]
+    if size == 0:  # the gathers below need a slot to point padding at
+      shapes = jax.eval_shape(variant(1, 1), p, features, offload_mask)
+      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    valid = kl_valid(config, k, l)
+    option = jnp.where(valid, kl_to_option(k, l, config), 0)  # bad slots: NaN below
+    order = jnp.argsort(option, stable=True).astype(jnp.int32)
+    counts = jnp.bincount(option, length=num).astype(jnp.int32)
+    group_blocks = (counts + block - 1) // block
+    block_end = jnp.cumsum(group_blocks)
+    block_start = block_end - group_blocks
+    slot_start = jnp.cumsum(counts) - counts
+    # sum_g ceil(c_g / block) <= ceil(B / block) + (groups with a remainder) - 1.
+    n_blocks = max(-(-size // block) + num - 1, 1)
+
+    b = jnp.arange(n_blocks, dtype=jnp.int32)
+    group = jnp.searchsorted(block_end, b, side='right').astype(jnp.int32)
+    live_block = group < num
+    g = jnp.minimum(group, num - 1)
+    offset = (b - block_start[g])[:, None] * block + jnp.arange(block, dtype=jnp.int32)
+    live = live_block[:, None] & (offset < counts[g][:, None])
+    # Padding reads the group's first slot: real inputs, never read back below.
+    sorted_at = jnp.where(live, slot_start[g][:, None] + offset, slot_start[g][:, None])
+    block_slots = order[jnp.clip(sorted_at, 0, size - 1)]
+    block_option = jnp.where(live_block, group, num)  # num: the empty branch
+
+    branches = [variant(kk, ll) for kk, ll in options]
+    f0 = jnp.zeros((block,) + features.shape[1:], features.dtype)
+    m0 = jnp.zeros((block,) + offload_mask.shape[1:], offload_mask.dtype)
+    shapes = jax.eval_shape(branches[0], p, f0, m0)
+    branches.append(lambda p, f, m: jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def step(xs):
+      opt, slots = xs
+      return jax.lax.switch(opt, branches, p, features[slots], offload_mask[slots])
+
+    out = jax.lax.map(step, (block_option, block_slots))  # leaves [n_blocks, block, ...]
+    # Each slot has exactly one live position in the padded layout: gather it back.
+    rank = jnp.arange(size, dtype=jnp.int32) - slot_start[option[order]]
+    position = jnp.zeros(size, jnp.int32).at[order].set(
+        block_start[option[order]] * block + rank)
+    flat = jax.tree.map(lambda a: a.reshape((n_blocks * block,) + a.shape[2:])[position],
+                        out)
+    return _poison(flat, valid)
+
+  return jax.jit(run)
+
+
 def allocate(out: Allocation, offload_mask: Array, mec_config: MECConfig) -> Decision:
   """Shares -> `Decision`: b = b_share * b_max, f = f_share * f_ser, x = offload_mask."""
   return Decision(x=offload_mask, b=out.b_share * mec_config.b_max,
@@ -544,14 +669,39 @@ class Policy(nn.Module):
     return nn.Dense(config.num_options, name='out')(h)
 
 
+def _check_concrete_range(name: str, value, low: int, high: int, what: str) -> None:
+  """Concrete values outside [low, high] raise ValueError; traced ones cannot be read."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  concrete = np.asarray(value)
+  if concrete.size and (concrete.min() < low or concrete.max() > high):
+    bad = concrete[(concrete < low) | (concrete > high)].ravel()[0].item()
+    raise ValueError(f'{name} = {bad!r} is out of range; allowed range [{low}, {high}] '
+                     f'({what})')
+
+
 def option_to_kl(option, config: ModelConfig) -> tuple[Array, Array]:
-  """Option index in [0, K * L) -> (k, l), both 1-based int32; works on arrays."""
+  """Option index in [0, K * L) -> (k, l), both 1-based int32; works on arrays.
+
+  Concrete options out of range raise ValueError; traced ones map to out-of-range
+  (k, l), which the allocator paths turn into NaN.
+  """
+  _check_concrete_range('option', option, 0, config.num_options - 1,
+                        f'0..K*L-1 = 0..{config.num_options - 1}')
   option = jnp.asarray(option, jnp.int32)
   return option // config.max_depth + 1, option % config.max_depth + 1
 
 
 def kl_to_option(k, l, config: ModelConfig) -> Array:
-  """(k, l), 1-based -> option index (k - 1) * L + (l - 1)."""
+  """(k, l), 1-based -> option index (k - 1) * L + (l - 1).
+
+  Concrete k outside 1..K or l outside 1..L raise ValueError (otherwise a bad pair could
+  alias a valid option); traced ones pass unchecked.
+  """
+  _check_concrete_range('k', k, 1, config.num_experts,
+                        f'1..ModelConfig.num_experts={config.num_experts}')
+  _check_concrete_range('l', l, 1, config.max_depth,
+                        f'1..ModelConfig.max_depth={config.max_depth}')
   return (jnp.asarray(k, jnp.int32) - 1) * config.max_depth + jnp.asarray(l, jnp.int32) - 1
 
 

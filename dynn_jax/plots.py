@@ -12,7 +12,6 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from dynn_jax.evaluation import BOUND
 from dynn_jax.io import write_bytes_atomic
 
 
@@ -117,7 +116,7 @@ def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> N
   (when the oracle ran) dotted."""
   _, _, label, value_scale = sweep_def
   x = np.array([p['value'] for p in points], dtype=float) * value_scale
-  methods = [m for m in points[0]['results'] if not m.startswith('_')]
+  methods = list(points[0]['results'].names)
   fig = Figure(figsize=(15, 4.2), layout='constrained')
   axes = fig.subplots(1, 3)
   # More methods than the default cycle has colours: tab20 keeps each one distinct.
@@ -130,8 +129,8 @@ def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> N
       err = np.array([p['results'][method][metric]['ci95'] for p in points]) * scale
       ax.errorbar(x, y, yerr=err, marker='o', ms=3, capsize=2, label=method,
                   color=colours[method], ls='--' if method.startswith('obj_') else '-')
-    if metric == 'objective' and BOUND in points[0]['results']:
-      ax.plot(x, [p['results'][BOUND]['objective']['mean'] for p in points], ':',
+    if metric == 'objective' and points[0]['results'].bound is not None:
+      ax.plot(x, [p['results'].bound['mean'] for p in points], ':',
               color='k', label='lower bound')
     ax.set_xlabel(label)
     ax.set_ylabel(ylabel)

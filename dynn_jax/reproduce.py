@@ -6,7 +6,7 @@ interrupted reproduction continues where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynn_jax import ops
-from dynn_jax.config import MECConfig
 from dynn_jax.env import importance_weight, normalized_features, sample_slots
-from dynn_jax.evaluation import Params, Setting, evaluate
-from dynn_jax.io import cached_json
-from dynn_jax.models import ModelConfig, all_subnetworks
-from dynn_jax.training import weighted_delays
+from dynn_jax.evaluation import EvalResult, Setting, evaluate_sweep
+from dynn_jax.io import (DictOf, Integer, Number, OneOf, Optional, cached_json, check_schema,
+                         read_json)
+from dynn_jax.models import all_subnetworks
+from dynn_jax.networks import Networks
+from dynn_jax.quality import weighted_delays
 
 # (MECConfig field or 'n_active', values in SI, label, unit scale for display)
 SWEEPS = {
@@ -49,43 +50,92 @@ CASE_SWEEPS = {1: ('data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'),
                2: ('data', 'workload', 'tasks', 'cpu')}
 
 
-@dataclasses.dataclass(frozen=True)
-class Networks:
-  params: Params
-  mec: MECConfig
-  model: ModelConfig
+_STAT = {'mean': float, 'ci95': Number(0.0)}
+RESULT_SCHEMA = {'methods': DictOf(DictOf(_STAT, min_len=1), min_len=1), 'slots': Integer(1),
+                 'mode': OneOf(('modelled', 'measured')), 'devices': Integer(1),
+                 'bound': Optional(_STAT), 'slots_of': DictOf(Integer(1))}
+POINT_SCHEMA = {'sweep': OneOf(tuple(SWEEPS)), 'value': float, 'settings': dict,
+                'results': RESULT_SCHEMA, 'yardstick': Optional(RESULT_SCHEMA)}
 
 
 def point_path(results_dir: str, name: str) -> str:
   return os.path.join(results_dir, 'points', f'{name}.json')
 
 
-def cached(results_dir: str, name: str, compute) -> Any:
-  """The point's JSON if it exists, else compute it and write it atomically."""
-  return cached_json(point_path(results_dir, name), compute, f'point {name}')
+def cached(results_dir: str, name: str, compute, settings: dict,
+           schema: Any = POINT_SCHEMA) -> Any:
+  """The point's JSON if it exists and was made with `settings`, else compute it and
+  write it atomically (with its settings). A point read back must match `schema`."""
+  made = lambda point: isinstance(point, dict) and point.get('settings') == settings
+  return cached_json(point_path(results_dir, name), lambda: compute() | {'settings': settings},
+                     f'point {name}', made, schema=schema)
 
 
-def sweep_point(nets: Networks, sweep: str, value, methods, slots: int, ga_slots: int,
-                seed: int, delay=None, objective: Networks | None = None,
-                objective_methods=()) -> dict:
-  """Every method at one value of the sweep, on the same slots; the objective-trained
-  networks' methods (if given) run on those slots too, under OBJECTIVE_PREFIX."""
-  field, _, _, _ = SWEEPS[sweep]
-  mec = nets.mec if field == 'n_active' else nets.mec.replace(**{field: value})
-  n_users = value if field == 'n_active' else None
-  setting = Setting(mec=mec, model=nets.model, feature_config=nets.mec, delay=delay)
-  out = evaluate(setting, methods, nets.params, slots=slots, seed=seed, n_users=n_users)
-  if objective is not None and objective_methods:
-    obj_setting = Setting(mec=mec, model=objective.model, feature_config=objective.mec,
-                          delay=delay)
-    theirs = evaluate(obj_setting, objective_methods, objective.params, slots=slots,
-                      seed=seed, n_users=n_users)
-    out.update({OBJECTIVE_PREFIX + name: theirs[name] for name in objective_methods})
-  if ga_slots:
-    ga = evaluate(setting, ('ga',), nets.params, slots=ga_slots, seed=seed, n_users=n_users)
-    out['ga'] = ga['ga']
-    out['_ga_slots'] = ga['_slots']
-  return {'sweep': sweep, 'value': value, 'results': out}
+MODEL_SIZE_SCHEMA = {'without_inference': [[float]], 'with_inference': [[float]],
+                     'slots': Integer(1), 'unit': str, 'settings': dict}
+
+
+def sweep_field(sweep: str) -> str:
+  """The MECConfig field a sweep varies ('tasks' varies the users per slot)."""
+  field = SWEEPS[sweep][0]
+  return 'n_users' if field == 'n_active' else field
+
+
+def sweep_points(nets: Networks, sweep: str, values, methods, *, slots: int,
+                 oracle_slots: int, ga_slots: int, seed: int, delay=None,
+                 objective: Networks | None = None, objective_methods=()) -> list[dict]:
+  """Every method at every value of the sweep: one compiled program per method set for
+  the whole sweep (`evaluate_sweep`), every method on the same slots.
+
+  The oracle costs about a millisecond per slot, so it runs on its own `oracle_slots`
+  slots, where every other method runs again: the point's `yardstick` holds those
+  results, and every gap to the oracle or the lower bound is taken there, method and
+  oracle on the same slots. The GA runs on `ga_slots` slots of its own.
+  """
+  field, values = sweep_field(sweep), list(values)
+  setting = Setting(mec=nets.mec, model=nets.model, feature_config=nets.mec, delay=delay)
+  obj_setting = (Setting(mec=nets.mec, model=objective.model, feature_config=objective.mec,
+                         delay=delay) if objective is not None and objective_methods else None)
+
+  def run(setting, names, params, n):
+    if setting is None or not names or not n:
+      return [None] * len(values)
+    return evaluate_sweep(setting, names, params, field, values, slots=n, seed=seed,
+                          progress=True)
+
+  has_oracle = 'oracle' in methods and oracle_slots > 0
+  obj_params = objective.params if objective is not None else None
+  main = run(setting, tuple(m for m in methods if m != 'oracle'), nets.params, slots)
+  theirs = run(obj_setting, tuple(objective_methods), obj_params, slots)
+  yard = run(setting, tuple(methods), nets.params, oracle_slots if has_oracle else 0)
+  yard_theirs = run(obj_setting, tuple(objective_methods), obj_params,
+                    oracle_slots if has_oracle else 0)
+  ga = run(setting, ('ga',), nets.params, ga_slots)
+  points = []
+  for i, value in enumerate(values):
+    results = main[i]
+    if theirs[i] is not None:
+      results = results.merged(theirs[i], OBJECTIVE_PREFIX)
+    if yard[i] is not None:
+      results = results.merged(yard[i], names=('oracle',), bound=True)
+    if ga[i] is not None:
+      results = results.merged(ga[i])
+    point = {'sweep': sweep, 'value': value, 'results': results}
+    if yard[i] is not None:
+      point['yardstick'] = (yard[i] if yard_theirs[i] is None
+                            else yard[i].merged(yard_theirs[i], OBJECTIVE_PREFIX))
+    points.append(point)
+  return points
+
+
+def point_to_json(point: dict) -> dict:
+  return {k: v.to_dict() if isinstance(v, EvalResult) else v for k, v in point.items()}
+
+
+def point_from_json(point: dict) -> dict:
+  """A point read back: its results as `EvalResult` (files of any earlier layout)."""
+  return {k: EvalResult.from_dict(v) if k in ('results', 'yardstick') else v
+          for k, v in point.items()}
 
 
 def model_size_point(nets: Networks, slots: int, seed: int, chunk: int = 2048) -> dict:
@@ -135,12 +185,14 @@ def parse_sweeps(names) -> set[str]:
 
 def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
                ga_slots: int, seed: int, delay=None, points_per_sweep: int | None = None,
-               objective: dict[int, Networks] | None = None) -> dict:
+               objective: dict[int, Networks] | None = None, oracle_slots: int = 1024) -> dict:
   """Every requested sweep of every case (`CASE_SWEEPS` says which a case has); with
   `objective` networks their pipeline runs beside the paper's at every point.
 
   `sweeps` holds names ('data': every case) or case-qualified names ('2:data': case 2
-  only), see `parse_sweeps`.
+  only), see `parse_sweeps`. A point already written with the same settings (slots,
+  seeds, networks, delay table) is read back; the missing ones of a sweep are
+  computed together.
   """
   out = {}
   objective = objective or {}
@@ -152,11 +204,51 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
       large = sweep == 'data_large'
       methods = LARGE_DATA_METHODS if large else METHODS[case]
       obj_methods = (('policy_moe',) if large else OBJECTIVE_METHODS[case])
-      points = []
-      for value in sweep_values(sweep, points_per_sweep):
-        name = f'case{case}_{sweep}_{value:g}'
-        points.append(cached(results_dir, name, lambda: sweep_point(
-            nets[case], sweep, value, methods, slots, 0 if large else ga_slots, seed, delay,
-            objective.get(case), obj_methods)))
-      out[f'case{case}_{sweep}'] = points
+      obj = objective.get(case)
+      settings = {'slots': slots, 'seed': seed, 'ga_slots': 0 if large else ga_slots,
+                  'oracle_slots': oracle_slots if 'oracle' in methods else 0,
+                  'networks': nets[case].fingerprint,
+                  'objective_networks': obj.fingerprint if obj else None,
+                  'delay': delay_fingerprint(delay)}
+      values = sweep_values(sweep, points_per_sweep)
+      names = {value: f'case{case}_{sweep}_{value:g}' for value in values}
+      fresh = {}
+
+      def compute_missing():
+        missing = [v for v in values if not _written(results_dir, names[v], settings)]
+        points = sweep_points(nets[case], sweep, missing, methods, slots=slots,
+                              oracle_slots=settings['oracle_slots'],
+                              ga_slots=settings['ga_slots'], seed=seed, delay=delay,
+                              objective=obj, objective_methods=obj_methods)
+        fresh.update(zip(missing, points))
+
+      def point(value):
+        if not fresh and not _written(results_dir, names[value], settings):
+          compute_missing()
+        return fresh[value]
+
+      out[f'case{case}_{sweep}'] = [
+          point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(point(v)),
+                                 settings)) for v in values]
   return out
+
+
+def _written(results_dir: str, name: str, settings: dict) -> bool:
+  path = point_path(results_dir, name)
+  if not os.path.exists(path):
+    return False
+  try:
+    point = read_json(path, f'point {name}')
+  except ValueError:
+    return False
+  if not isinstance(point, dict) or point.get('settings') != settings:
+    return False
+  check_schema(point, POINT_SCHEMA, f'point {path}')  # a damaged point is refused
+  return True
+
+
+def delay_fingerprint(delay) -> str | None:
+  """A digest of a measured latency table (None: modelled delays)."""
+  if delay is None:
+    return None
+  return hashlib.sha256(repr(delay).encode()).hexdigest()[:16]

@@ -2,53 +2,315 @@
 
   run_dir/config.json        everything needed to rerun (written once, checked on resume)
   run_dir/metrics.jsonl      one JSON record per logged step
-  run_dir/checkpoints/<name>.msgpack   latest state of each training phase (atomic)
+  run_dir/checkpoints/<name>.msgpack   latest state of each training phase (atomic,
+                             checksummed)
   run_dir/summary.json       final figures
+  run_dir/run.lock           {pid, host, ...} of the process using the directory
+
+One process at a time uses a run directory (`RunDir.locked`): the lock file is created
+with O_CREAT | O_EXCL; a lock left by a process that died on this host is reported and
+taken over; a live one (or one from another host) is refused. Taking the lock also
+removes the temporary files a killed atomic write left behind. On resume each phase
+cuts `metrics.jsonl` back to its last checkpointed step (`rewind_metrics`), so the
+file holds the records of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import socket
 import sys
 import time
 from typing import Any
 
 from flax import serialization
 
-from dynn_jax.io import append_jsonl, read_json, write_bytes_atomic, write_json_atomic
+from dynn_jax.io import (append_jsonl, is_temporary, read_json, seal, unseal,
+                         write_bytes_atomic, write_json_atomic)
+
+LOCK_NAME = 'run.lock'
+# A lock file still empty this long after its creation was left by a process that died
+# between creating and writing it (the two happen back to back).
+_EMPTY_LOCK_GRACE_S = 5.0
+
+
+class RunDirError(ValueError):
+  """A run directory that cannot be used as asked (in use, other config, ...)."""
+
+
+def _proc_start(pid: int) -> str | None:
+  """The process's start time in clock ticks since boot (Linux), to tell a reused pid
+  from the process that wrote a lock."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _lock_info() -> dict:
+  pid = os.getpid()
+  return {'pid': pid, 'host': socket.gethostname(), 'proc_start': _proc_start(pid),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'token': secrets.token_hex(8)}
+
+
+def _read_lock(path: str) -> dict | None:
+  """The lock's content; None if it is missing, empty or unreadable after a short wait
+  (a writer may be between creating it and writing its content)."""
+  for _ in range(10):
+    try:
+      with open(path) as f:
+        info = json.loads(f.read())
+      if isinstance(info, dict) and isinstance(info.get('pid'), int):
+        return info
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      pass
+    time.sleep(0.05)
+  return None
+
+
+def _holder_state(info: dict | None, path: str) -> str:
+  """'live', 'dead' or 'unknown' (another host) for the process that wrote a lock."""
+  if info is None:
+    try:
+      age = time.time() - os.path.getmtime(path)
+    except OSError:
+      return 'dead'
+    return 'dead' if age > _EMPTY_LOCK_GRACE_S else 'live'
+  if info.get('host') != socket.gethostname():
+    return 'unknown'
+  pid = info['pid']
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return 'dead'
+  except PermissionError:
+    pass  # another user's process: alive
+  recorded = info.get('proc_start')
+  if recorded is not None and _proc_start(pid) not in (None, recorded):
+    return 'dead'  # the pid now belongs to another process
+  return 'live'
+
+
+def _describe(info: dict | None) -> str:
+  if info is None:
+    return 'a process that left it empty'
+  return f'pid {info["pid"]} on host {info.get("host")!r} (since {info.get("started")})'
+
+
+def check_not_in_use(path: str, own_token: str | None = None) -> None:
+  """RunDirError if a live process (or one on another host) holds the directory; a lock
+  with `own_token` is the caller's own."""
+  lock = os.path.join(path, LOCK_NAME)
+  if not os.path.exists(lock):
+    return
+  info = _read_lock(lock)
+  if own_token is not None and info is not None and info.get('token') == own_token:
+    return
+  state = _holder_state(info, lock)
+  if state == 'live':
+    raise RunDirError(f'run directory {path} is in use by {_describe(info)}: wait for that '
+                      'run to end (or stop it) before starting or resuming a run here')
+  if state == 'unknown':
+    raise RunDirError(f'run directory {path} is locked by {_describe(info)}, which cannot be '
+                      f'checked from here; if no run is using it, delete {lock}')
+
+
+def has_checkpoints(path: str) -> bool:
+  folder = os.path.join(path, 'checkpoints')
+  return os.path.isdir(folder) and any(
+      name.endswith('.msgpack') and not is_temporary(name) for name in os.listdir(folder))
+
+
+def check_start(path: str, config: dict, resume: bool, own_token: str | None = None) -> str:
+  """What starting a run in `path` with `config` would do, without touching anything
+  (so that --dry_run checks what the run would refuse): 'new', 'resume' or 'restart'
+  (a run that failed before its first checkpoint, started again from scratch).
+
+  Raises RunDirError for a directory in use, a finished or checkpointed run without
+  `resume`, or `resume` with a config other than the recorded one.
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise RunDirError(f'--run_dir {path} is a file, not a folder')
+  check_not_in_use(path, own_token)
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.exists(config_path):
+    return 'new'
+  if not has_checkpoints(path):
+    return 'restart'  # nothing to lose: no phase got as far as a checkpoint
+  if not resume:
+    raise RunDirError(f'{path} already holds a run; pass --resume to continue it or choose '
+                      'another --run_dir')
+  try:
+    recorded = read_json(config_path, 'run config')
+  except ValueError as e:  # corrupt, edited or not JSON
+    raise RunDirError(f'--resume: {e}') from None
+  normalised = json.loads(json.dumps(config, sort_keys=True))
+  if not isinstance(recorded, dict):
+    raise RunDirError(f'--resume: {config_path} is not a run config')
+  diff = sorted(k for k in set(recorded) | set(normalised)
+                if recorded.get(k) != normalised.get(k))
+  if diff:
+    raise RunDirError(f'--resume: {config_path} was written with a different config; '
+                      f'differing fields: {diff}')
+  return 'resume'
 
 
 class RunDir:
   def __init__(self, path: str):
     self.path = path
     os.makedirs(os.path.join(path, 'checkpoints'), exist_ok=True)
+    self._lock_depth = 0
+    self._lock_token = None
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  def write_config(self, config: dict, resume: bool) -> None:
-    """Records the config; on resume it must equal the recorded one."""
-    path = self.file('config.json')
-    if resume and os.path.exists(path):
-      recorded = read_json(path, 'run config')
-      normalised = json.loads(json.dumps(config, sort_keys=True))
-      diff = sorted(k for k in set(recorded) | set(normalised)
-                    if recorded.get(k) != normalised.get(k))
-      if diff:
-        raise ValueError(f'--resume: {path} was written with a different config; '
-                         f'differing fields: {diff}')
+  # ----------------------------------------------------------------- the lock
+
+  @property
+  def holds_lock(self) -> bool:
+    return self._lock_depth > 0
+
+  @contextlib.contextmanager
+  def locked(self):
+    """Holds the directory's lock for the block (re-entrant on this object)."""
+    if self._lock_depth == 0:
+      self._acquire()
+    self._lock_depth += 1
+    try:
+      yield self
+    finally:
+      self._lock_depth -= 1
+      if self._lock_depth == 0:
+        self._release()
+
+  def _acquire(self) -> None:
+    lock = self.file(LOCK_NAME)
+    info = _lock_info()
+    for _ in range(5):
+      try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        self._take_over_if_stale(lock)
+        continue
+      with os.fdopen(fd, 'w') as f:
+        f.write(json.dumps(info))
+        f.flush()
+        os.fsync(f.fileno())
+      self._lock_token = info['token']
+      self._remove_temporary_files()
       return
-    write_json_atomic(path, config)
+    raise RunDirError(f'run directory {self.path}: could not take {lock} (other processes '
+                      'keep taking it); try again')
+
+  def _take_over_if_stale(self, lock: str) -> None:
+    """Removes a lock whose process is gone (RunDirError for a live one)."""
+    check_not_in_use(self.path)
+    stale = _read_lock(lock)
+    # Moved aside, not deleted: if another process replaced the stale lock by its own in
+    # the meantime, what we moved is not what we judged stale and goes back.
+    aside = f'{lock}.stale.{os.getpid()}.{secrets.token_hex(4)}'
+    try:
+      os.rename(lock, aside)
+    except FileNotFoundError:
+      return
+    moved = _read_lock(aside)
+    if moved is not None and (stale is None or moved.get('token') != stale.get('token')):
+      try:
+        os.link(aside, lock)
+      except FileExistsError:
+        pass  # a third process holds it now; the check below reports it
+      finally:
+        os.remove(aside)
+      check_not_in_use(self.path)
+      return
+    os.remove(aside)
+    print(f'run directory {self.path}: taking over the lock left by {_describe(stale)}, '
+          'which is no longer running', file=sys.stderr, flush=True)
+
+  def _release(self) -> None:
+    lock = self.file(LOCK_NAME)
+    info = _read_lock(lock)
+    if info is not None and info.get('token') == self._lock_token:
+      os.remove(lock)
+    self._lock_token = None
+
+  def _remove_temporary_files(self) -> None:
+    """Temporary files of atomic writes that a killed process left (the lock is held,
+    so no live writer owns them)."""
+    removed = []
+    for folder in (self.path, os.path.join(self.path, 'checkpoints')):
+      for name in os.listdir(folder):
+        if is_temporary(name) and os.path.isfile(os.path.join(folder, name)):
+          os.remove(os.path.join(folder, name))
+          removed.append(os.path.join(folder, name))
+    if removed:
+      print(f'run directory {self.path}: removed {len(removed)} temporary file(s) left by '
+            f'an interrupted write: {", ".join(removed)}', file=sys.stderr, flush=True)
+
+  # ------------------------------------------------------------ config, metrics
+
+  def write_config(self, config: dict, resume: bool) -> None:
+    """Records the config; on resume it must equal the recorded one. A run that failed
+    before its first checkpoint starts again (its config and metrics replaced)."""
+    state = check_start(self.path, config, resume, self._lock_token)
+    if state == 'resume':
+      return
+    if state == 'restart':
+      print(f'run directory {self.path}: its run stopped before its first checkpoint; '
+            'starting it again', file=sys.stderr, flush=True)
+      for name in ('metrics.jsonl', 'summary.json'):
+        if os.path.exists(self.file(name)):
+          os.remove(self.file(name))
+    write_json_atomic(self.file('config.json'), config)
 
   def log(self, record: dict) -> None:
     append_jsonl(self.file('metrics.jsonl'), record)
+
+  def rewind_metrics(self, phase: str, step: int) -> None:
+    """Cuts metrics.jsonl before the first record of `phase` beyond `step` (its last
+    checkpoint: those steps run again) or the first torn line, whichever comes first."""
+    path = self.file('metrics.jsonl')
+    if not os.path.exists(path):
+      return
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset, reason = 0, None
+    for line in data.splitlines(keepends=True):
+      try:
+        record = json.loads(line) if line.endswith(b'\n') else None
+      except ValueError:
+        record = None
+      if not isinstance(record, dict):
+        reason = 'from a torn line on'
+        break
+      if record.get('phase') == phase and record.get('step', 0) > step:
+        reason = f'logged after the checkpoint of {phase} at step {step}'
+        break
+      offset += len(line)
+    if reason is None:
+      return
+    dropped = len(data[offset:].splitlines())
+    with open(path, 'r+b') as f:
+      f.truncate(offset)
+      f.flush()
+      os.fsync(f.fileno())
+    print(f'{path}: dropped {dropped} line(s) {reason}; the resumed run logs those steps '
+          'again', file=sys.stderr, flush=True)
+
+  # ---------------------------------------------------------------- checkpoints
 
   def checkpoint_path(self, name: str) -> str:
     return os.path.join(self.path, 'checkpoints', f'{name}.msgpack')
 
   def save(self, name: str, state: Any) -> None:
-    write_bytes_atomic(self.checkpoint_path(name), serialization.to_bytes(state))
+    write_bytes_atomic(self.checkpoint_path(name), seal(serialization.to_bytes(state)))
 
   def restore(self, name: str, target: Any) -> Any | None:
     """The saved state shaped like `target`, or None when there is no checkpoint."""
@@ -56,7 +318,7 @@ class RunDir:
     if not os.path.exists(path):
       return None
     with open(path, 'rb') as f:
-      data = f.read()
+      data = unseal(f.read(), path, 'checkpoint')
     try:
       return serialization.from_bytes(target, data)
     except Exception as e:  # msgpack and flax raise several kinds for bad bytes

@@ -9,13 +9,15 @@ dynn_jax.evaluation.METHODS.
 
 import dataclasses
 
+import math
+
 from absl import app, flags
 
-from dynn_jax import cli, evaluation, latency
+from dynn_jax import cli, distributed, evaluation, latency
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
 from dynn_jax.reports import methods_table
-from dynn_jax.training import LOSSES, load_networks, trained_loss
+from dynn_jax.networks import LOSSES, load_networks, trained_loss
 
 flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory holding it.')
 flags.DEFINE_list('methods', None, 'Comma-separated method names (default: the case\'s set).')
@@ -31,6 +33,7 @@ flags.DEFINE_string('out', None, 'JSON file for the results (written atomically)
 flags.DEFINE_enum('loss', None, list(LOSSES), 'The loss the networks must have been trained '
                   'with (default: whichever the file records); a mismatch stops before work.')
 cli.define_flags(MECConfig)
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
@@ -45,6 +48,7 @@ def resolve_config(trained: MECConfig) -> MECConfig:
 
 
 def main(argv):
+  distributed.initialize_from_flags()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.networks:
@@ -83,19 +87,30 @@ def main(argv):
     evaluation.check_methods(names, params, setting)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  cli.check_writable('out', FLAGS.out)
   cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), methods=list(names),
                       mode=setting.mode, slots=FLAGS.slots, loss=loss)
+  distributed.check_same('flags or files', (
+      mec.to_dict(), model.to_dict(), list(names), FLAGS.slots, FLAGS.chunk, FLAGS.seed,
+      FLAGS.n_active, repr(delay), params))
   results = evaluation.evaluate(setting, names, params, slots=FLAGS.slots, chunk=FLAGS.chunk,
-                                seed=FLAGS.seed, n_users=FLAGS.n_active)
+                                seed=FLAGS.seed, n_users=FLAGS.n_active,
+                                progress=evaluation.Progress(FLAGS.slots))
+  if not distributed.is_main_process():
+    return
   print(f'case {mec.case}, networks {FLAGS.networks} (trained with loss={loss}), '
-        f'{results["_slots"]} slots, {results["_mode"]} inference delay, '
-        f'{results["_devices"]} device(s)')
+        f'{results.slots} slots, {results.mode} inference delay, '
+        f'{results.devices} device(s)')
   print(methods_table(results))
+  bad = [f'{name}.{metric}' for name, metrics in results.methods.items()
+         for metric, stat in metrics.items() if not math.isfinite(stat['mean'])]
+  if bad:  # strict JSON has no NaN or Infinity, and such a mean is no result to keep
+    raise SystemExit(f'non-finite results, nothing written: {", ".join(bad)}')
   if FLAGS.out:
     write_json_atomic(FLAGS.out, {'config': mec.to_dict(), 'networks': FLAGS.networks,
-                                  'loss': loss, 'results': results})
+                                  'loss': loss, 'results': results.to_dict()})
     print(f'wrote {FLAGS.out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -6,16 +6,13 @@ then evaluates them on held-out slots.
 
 Every field of MECConfig, ModelConfig (except max_users, which follows n_max) and
 TrainConfig is a flag. A killed run continues with --resume and ends with the same
-parameters as an uninterrupted one.
+parameters as an uninterrupted one. One run at a time uses a run directory; a run that
+stopped before its first checkpoint can simply be started again.
 """
-
-import os
 
 from absl import app, flags
 
-from dynn_jax import cli, training
-from dynn_jax.reports import training_summary
-from dynn_jax.runs import RunDir
+from dynn_jax import cli, runs, training
 
 flags.DEFINE_string('run_dir', None, 'Run directory (config, metrics, checkpoints, summary).')
 flags.DEFINE_bool('resume', False, 'Continue the run in --run_dir from its checkpoints.')
@@ -31,21 +28,22 @@ def main(argv):
     raise app.UsageError('--run_dir is required')
   mec, model, train = cli.training_configs()
   cli.check_range('eval_chunk', FLAGS.eval_chunk, 1)
-  if (os.path.exists(os.path.join(FLAGS.run_dir, 'config.json')) and not FLAGS.resume):
-    raise app.UsageError(f'{FLAGS.run_dir} already holds a run; pass --resume to continue '
-                         'it or choose another --run_dir')
-  cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), train=train.to_dict(),
-                      run_dir=FLAGS.run_dir)
-  run = RunDir(FLAGS.run_dir)
-  run.write_config({'mec': mec.to_dict(), 'model': model.to_dict(),
-                    'train': train.to_dict()}, resume=FLAGS.resume)
-  params = training.train_all(mec, model, train, run)
-  training.save_networks(run.file('networks.msgpack'), params, mec, model, train)
-  summary = training_summary(mec, model, train, params, chunk=FLAGS.eval_chunk)
-  run.write_summary(summary)
+  cli.check_training_memory(mec, model, train)
+  cli.check_writable('run_dir', FLAGS.run_dir, directory=True)
+  config = training.run_config(mec, model, train)
+  try:
+    start = runs.check_start(FLAGS.run_dir, config, FLAGS.resume)
+  except runs.RunDirError as e:
+    raise app.UsageError(str(e)) from None
+  cli.stop_if_dry_run(**config, run_dir=FLAGS.run_dir, start=start)
+  try:
+    _, summary = training.train_and_evaluate(mec, model, train, FLAGS.run_dir,
+                                             resume=FLAGS.resume, eval_chunk=FLAGS.eval_chunk)
+  except runs.RunDirError as e:  # another run took the directory since the check
+    raise app.UsageError(str(e)) from None
   print(summary['text'])
   print(f'run directory: {FLAGS.run_dir}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

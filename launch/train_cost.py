@@ -32,7 +32,10 @@ def main(argv):
   if unknown:
     raise app.UsageError(f'--kinds: unknown {unknown}; allowed {list(cost_study.KINDS)}')
   seeds = _seeds(FLAGS.seeds)
+  cli.check_training_memory(mec, model, train)
+  cli.check_writable('out', FLAGS.out)
   cache_dir = os.path.splitext(FLAGS.out)[0] + '_runs'
+  cli.check_writable('out', cache_dir, directory=True, what='its folder of cached runs')
   cli.stop_if_dry_run(mec=mec.to_dict(), model=model.to_dict(), train=train.to_dict(),
                       kinds=FLAGS.kinds, bar=FLAGS.bar, seeds=seeds, cache_dir=cache_dir)
   study = cost_study.run_study(mec, model, train, bar=FLAGS.bar, max_steps=FLAGS.max_steps,
@@ -67,4 +70,4 @@ def _seeds(values: list[str]) -> tuple[int, ...]:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -153,3 +153,29 @@ def test_zero_objective_weights_drop_infinite_terms():
   costs = slot_costs(slots, starved, cfg)
   assert np.all(np.isinf(np.asarray(costs.delay)))
   np.testing.assert_allclose(costs.objective, 3 * cfg.delta)
+
+
+def test_traced_constants_give_what_the_static_config_gives_in_one_compile():
+  from dynn_jax import optimal_allocation, sweep_params
+  from dynn_jax.config import point_params
+
+  def body(key, params):
+    slots = sample_slots(key, params, 16)
+    costs = slot_costs(slots, optimal_allocation(slots, slots.mask, params), params)
+    return slots, costs.objective
+
+  run = jax.jit(chex.assert_max_traces(body, n=1))
+
+  values = [1e9, 2.5e9, 4e9]
+  stacked = sweep_params(CASE2, 'f_ser', values)
+  for i, f_ser in enumerate(values):
+    config = CASE2.replace(f_ser=f_ser)
+    slots, got = run(jax.random.PRNGKey(3), point_params(stacked, i))
+    want_slots = sample_slots(jax.random.PRNGKey(3), config, 16)
+    np.testing.assert_array_equal(slots.mask, want_slots.mask)
+    want = slot_costs(want_slots, optimal_allocation(want_slots, want_slots.mask, config),
+                      config).objective
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  # vmap over the stacked values: the sweep as one batched program.
+  _, batched = jax.vmap(lambda p: body(jax.random.PRNGKey(3), p))(stacked)
+  assert batched.shape == (3, 16) and bool((batched[0] > batched[2]).all())

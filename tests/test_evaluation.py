@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 from dynn_jax import MECConfig, optimal_allocation, sample_slots, slot_costs
-from dynn_jax.evaluation import BOUND, Params, Setting, check_methods, evaluate
+from dynn_jax.config import ConfigError
+from dynn_jax.evaluation import (EvalResult, Params, Setting, check_methods,
+                                 chunk_trace_count, evaluate, evaluate_sweep)
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
 from dynn_jax.reproduce import parse_sweeps
 from dynn_jax.reports import (headline_table, methods_table, objective_gap_table,
                               objective_gaps)
-from dynn_jax.training import init_params
+from dynn_jax.networks import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEC2 = MECConfig(case=2, n_users=6)
@@ -35,7 +37,7 @@ import test_evaluation as t
 from dynn_jax.evaluation import Setting, evaluate
 r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), ('pmrl', 'static', 'kkt_weighted', 'random',
              'local', 'ga'), t.random_networks(), slots=256, chunk=128)
-print(json.dumps({'devices': jax.device_count(), 'results': r}))
+print(json.dumps({'devices': jax.device_count(), 'results': r.to_dict()}))
 """
 
 
@@ -46,14 +48,15 @@ def test_sharded_over_8_devices_equals_one_device():
                        env=env, cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
-  assert sharded['devices'] == 8 and sharded['results']['_devices'] == 8
+  assert sharded['devices'] == 8 and sharded['results']['devices'] == 8
   single = evaluate(Setting(MEC2, MODEL, MEC2), ('pmrl', 'static', 'kkt_weighted', 'random',
                                                  'local', 'ga'),
                     random_networks(), slots=256, chunk=128)
-  assert single['_devices'] == 1
+  assert single.devices == 1
   for method in ('pmrl', 'static', 'kkt_weighted', 'random', 'local', 'ga'):
     for metric, value in single[method].items():
-      np.testing.assert_allclose(sharded['results'][method][metric]['mean'], value['mean'],
+      np.testing.assert_allclose(sharded['results']['methods'][method][metric]['mean'],
+                                 value['mean'],
                                  rtol=1e-5, atol=1e-9, err_msg=f'{method} {metric}')
 
 
@@ -63,30 +66,31 @@ def test_oracle_and_bound_frame_every_method(mec):
                                                        else ())
   result = evaluate(Setting(mec, MODEL, mec), names, Params(), slots=128, chunk=128)
   objective = {name: result[name]['objective']['mean'] for name in names}
-  assert result[BOUND]['objective']['mean'] <= min(objective.values())
+  assert result.bound['mean'] <= min(objective.values())
   assert objective['oracle'] <= min(objective.values())
   gaps = objective_gaps(result)
   assert gaps['oracle'] == {'oracle': 0.0, 'bound': pytest.approx(
-      objective['oracle'] / result[BOUND]['objective']['mean'] - 1)}
+      objective['oracle'] / result.bound['mean'] - 1)}
   table = methods_table(result)
   assert 'vs oracle %' in table and 'lower bound' in table
 
 
 def test_accumulated_means_equal_a_direct_computation():
   mec = MECConfig(n_users=5)
-  result = evaluate(Setting(mec, MODEL, mec), ('kkt_weighted',), Params(), slots=300, chunk=100,
+  # 250 slots in chunks of 100: the last chunk counts only its first 50 slots.
+  result = evaluate(Setting(mec, MODEL, mec), ('kkt_weighted',), Params(), slots=250, chunk=100,
                     seed=3)
-  assert result['_slots'] == 300
+  assert result.slots == 250
   objectives = []
   for i in range(3):
     k_slots, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), i))
     slots = sample_slots(k_slots, mec, 100)
     objectives.append(np.asarray(slot_costs(slots, optimal_allocation(slots, slots.mask, mec),
                                             mec).objective))
-  objectives = np.concatenate(objectives)
+  objectives = np.concatenate(objectives)[:250]
   np.testing.assert_allclose(result['kkt_weighted']['objective']['mean'], objectives.mean(),
                              rtol=1e-5)
-  half_width = 1.96 * objectives.std(ddof=1) / np.sqrt(300)
+  half_width = 1.96 * objectives.std(ddof=1) / np.sqrt(250)
   np.testing.assert_allclose(result['kkt_weighted']['objective']['ci95'], half_width, rtol=1e-3)
 
 
@@ -103,7 +107,7 @@ def test_measured_mode_adds_the_table_latency():
   def delay(full_s):
     r = evaluate(Setting(mec, model, mec, table(full_s)), ('fix_moe', 'kkt_weighted'), nets,
                  slots=256, chunk=256)
-    assert r['_mode'] == 'measured'
+    assert r.mode == 'measured'
     return r
 
   a, b = delay(4e-4), delay(1.4e-3)
@@ -131,8 +135,8 @@ def test_report_tables_compute_gaps_from_the_results():
                                                         'total_energy', 'inference_share',
                                                         'ops')}
     return {**metrics, 'objective': {'mean': objective, 'ci95': 0.0}}
-  points = [{'value': v, 'results': {'a': entry(1.1 * v), 'oracle': entry(v),
-                                     BOUND: {'objective': {'mean': 0.5 * v, 'ci95': 0.0}}}}
+  points = [{'value': v, 'results': EvalResult(
+      {'a': entry(1.1 * v), 'oracle': entry(v)}, slots=1, bound={'mean': 0.5 * v, 'ci95': 0.0})}
             for v in (1.0, 2.0)]
   table = objective_gap_table(points, 1.0)
   assert '| 1 | +10.0 | +100.0 |' in table and '| 2 | +10.0 | +100.0 |' in table
@@ -148,3 +152,39 @@ def test_sweep_names_may_name_a_case_and_bad_ones_are_refused():
   for bad in (['sideways'], ['3:data'], ['1:sideways']):
     with pytest.raises(ValueError, match='--sweeps: unknown'):
       parse_sweeps(bad)
+
+
+def test_a_sweep_compiles_once_and_equals_evaluations_point_by_point():
+  mec = MEC2.replace(n_max=8)
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8, static_width=8)
+  nets, names = random_networks(mec, model), ('pmrl', 'kkt_weighted', 'local')
+  setting = Setting(mec, model, mec)
+  before = chunk_trace_count()
+  cpu = evaluate_sweep(setting, names, nets, 'f_ser', [1e9, 4e9], slots=64, chunk=64)
+  tasks = evaluate_sweep(setting, names, nets, 'n_users', [3, 8], slots=64, chunk=64)
+  assert chunk_trace_count() - before == 1  # two sweeps, four points, one program
+  # A plain evaluation of one point gives the same numbers.
+  point = evaluate(Setting(mec.replace(f_ser=4e9), model, mec), names, nets, slots=64, chunk=64)
+  for name in names:
+    for metric, value in point[name].items():
+      np.testing.assert_allclose(cpu[1][name][metric]['mean'], value['mean'], rtol=1e-6)
+  assert cpu[0]['pmrl']['mean_delay']['mean'] > cpu[1]['pmrl']['mean_delay']['mean']
+  assert tasks[0]['local']['total_energy']['mean'] < tasks[1]['local']['total_energy']['mean']
+  with pytest.raises(ConfigError, match='fields that can be swept'):
+    evaluate_sweep(setting, names, nets, 'n_max', [8], slots=64)
+  with pytest.raises(ConfigError, match='padded width'):
+    evaluate_sweep(Setting(MEC2, MODEL, MEC2), names, random_networks(), 'n_users', [7], slots=64)
+  with pytest.raises(ConfigError, match='f_ser'):
+    evaluate_sweep(setting, names, nets, 'f_ser', [-1.0], slots=64)
+
+
+def test_results_round_trip_and_read_the_flat_layout_of_older_files():
+  metric = {'mean': 1.0, 'ci95': 0.1}
+  result = EvalResult({'a': {'objective': metric}}, slots=8, bound=metric, slots_of={'a': 4})
+  assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+  old = EvalResult.from_dict({'a': {'objective': metric}, '_slots': 8, '_mode': 'measured',
+                              '_devices': 2, '_bound': {'objective': metric}, '_ga_slots': 4})
+  assert (old.names, old.slots, old.mode, old.devices, old.bound, old.slots_of) == (
+      ('a',), 8, 'measured', 2, metric, {'ga': 4})
+  merged = result.merged(EvalResult({'b': {'objective': metric}}, slots=2), prefix='x_')
+  assert merged.names == ('a', 'x_b') and merged.slots_of == {'a': 4, 'x_b': 2}

@@ -23,7 +23,7 @@ TINY = {
     'train_cost.py': TINY_MODEL + ['--batch=8', '--max_steps=4', '--steps_per_call=2',
                                    '--study_eval_slots=32', '--kinds=depth', '--seeds=0'],
     'reproduce.py': ['--cases=2', '--sweeps=cpu', '--points_per_sweep=2', '--slots=64',
-                     '--ga_slots=0', '--model_size_slots=0'],
+                     '--ga_slots=0', '--oracle_slots=16', '--model_size_slots=0'],
 }
 
 

@@ -11,7 +11,8 @@ import pytest
 from dynn_jax import ConfigError, MECConfig, ops
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
-                             all_subnetworks, allocate, choose_kl, kl_to_option,
+                             all_subnetworks, allocate, choose_kl, exit_sorted_apply,
+                             exit_sorted_trace_count, kl_to_option, moe_forward,
                              option_to_kl, per_slot_apply, per_slot_forward,
                              per_slot_trace_count, switch_apply, switch_trace_count)
 
@@ -396,3 +397,75 @@ def test_option_index_round_trip():
   assert sorted(zip(np.asarray(k).tolist(), np.asarray(l).tolist())) == OPTIONS
   np.testing.assert_array_equal(kl_to_option(k, l, SMALL), options)
   np.testing.assert_array_equal(np.asarray(k), [1, 1, 2, 2, 3, 3])
+
+
+def test_option_index_refuses_concrete_out_of_range_values_only():
+  K, L = SMALL.num_experts, SMALL.max_depth
+  for bad in (K * L, -1, np.array([0, K * L])):
+    with pytest.raises(ValueError, match=r'option .*\[0, 5\]'):
+      option_to_kl(bad, SMALL)
+  with pytest.raises(ValueError, match=r'k = 0 .*\[1, 3\]'):
+    kl_to_option(0, 1, SMALL)
+  with pytest.raises(ValueError, match=r'l = 3 .*\[1, 2\]'):
+    kl_to_option(jnp.array([1, 1]), jnp.array([1, 3]), SMALL)
+  # Traced values cannot be checked: they map through unchanged (the paths give NaN).
+  k, l = jax.jit(lambda o: option_to_kl(o, SMALL))(K * L)
+  assert (int(k), int(l)) == (K + 1, 1)
+  assert int(jax.jit(lambda k, l: kl_to_option(k, l, SMALL))(0, 1)) == -L
+
+
+# ------------------------------------------------------------- exit-sorted path
+
+
+def _mixed_batch(size, seed):
+  slots = sample_slots(jax.random.PRNGKey(seed), MEC, size)
+  offload = slots.mask & (jax.random.uniform(jax.random.PRNGKey(seed + 1),
+                                             slots.mask.shape) < 0.7)
+  return normalized_features(slots, MEC), offload.at[0].set(False)  # one slot offloads nobody
+
+
+def _random_exits(size, seed):
+  option = np.random.default_rng(seed).integers(0, SMALL.num_options, size)
+  return option_to_kl(option, SMALL)
+
+
+def test_exit_sorted_path_matches_the_batched_path_and_traces_once(moe_vars):
+  masked = jax.jit(functools.partial(moe_forward, SMALL))
+  features, offload = _mixed_batch(37, 30)  # 37 slots, blocks of 8: partial blocks
+  before = exit_sorted_trace_count(SMALL)
+  full = lambda value: jnp.full(37, value, jnp.int32)
+  mixes = [_random_exits(37, 0), _random_exits(37, 1), (full(2), full(1))]  # last: one exit
+  counts = []
+  for k, l in mixes:
+    got = exit_sorted_apply(SMALL, moe_vars, features, offload, k, l, block=8)
+    _close(got, masked(moe_vars, features, offload, k, l))
+    counts.append(exit_sorted_trace_count(SMALL))
+  assert counts[0] - before <= 1 and counts[-1] == counts[0]  # a new mix is no new shape
+  # Scalar (k, l) are broadcast over the batch.
+  _close(exit_sorted_apply(SMALL, moe_vars, features, offload, 3, 2, block=8),
+         masked(moe_vars, features, offload, full(3), full(2)))
+
+
+def test_exit_sorted_path_poisons_traced_bad_exits_and_refuses_bad_arguments(moe_vars):
+  features, offload = _mixed_batch(12, 50)  # fewer slots than one block
+  run = jax.jit(lambda k, l: exit_sorted_apply(SMALL, moe_vars, features, offload, k, l,
+                                               block=16))
+  masked = jax.jit(lambda k, l: moe_forward(SMALL, moe_vars, features, offload, k, l))
+  k, l = _random_exits(12, 3)
+  _close(run(k, l), masked(k, l))
+  k = jnp.array([1, 2, 3, 4, 0, 1, 2, 3, 1, 2, 3, 1])
+  l = jnp.array([1, 2, 1, 1, 1, 3, 2, 1, 0, 2, 1, 1])
+  out = run(k, l)
+  bad = np.array([3, 4, 5, 8])
+  for name, leaf in out._asdict().items():
+    leaf = np.asarray(leaf)
+    assert np.isnan(leaf[bad]).all(), name
+    assert np.isfinite(np.delete(leaf, bad, 0)).all(), name
+  _close(out, masked(k, l))  # NaN where the masked path has NaN too
+  for block in (0, -4, 2.5, True, '8', None):
+    with pytest.raises(ValueError, match='block'):
+      exit_sorted_apply(SMALL, moe_vars, features, offload, k, l, block=block)
+  with pytest.raises(ValueError, match='k = '):
+    exit_sorted_apply(SMALL, moe_vars, features, offload, k, jnp.ones(12, int))
+  with pytest.raises(ValueError, match=r'\[B, W'):
+    exit_sorted_apply(SMALL, moe_vars, features[0], offload[0], 1, 1)

@@ -196,10 +196,56 @@ def test_oracle_against_exhaustive_offloading_and_its_bound():
   assert bound.mean() > 0.8 * exhaustive.mean()
 
 
-def test_compiled_once_for_new_slots_and_delays():
+def test_compiled_once_for_new_slots_delays_and_traced_constants():
   config = MECConfig(case=1, n_users=6)
-  before = O._objective_allocation._cache_size()
+  static = O._objective_allocation.static_variant
+  before = static._cache_size()
   for i in range(3):
     slots = sample_slots(jax.random.PRNGKey(i), config, 8)
     objective_allocation(slots, slots.mask, config, [0.0, 1e-3, np.float32(2e-3)][i])
-  assert O._objective_allocation._cache_size() == before + 1
+  assert static._cache_size() == before + 1
+  # EnvParams: the constants are traced, so other values reuse the same program and
+  # give what the static config gives.
+  # (Both variants share one cache: count before any new static config is compiled.)
+  before = static._cache_size()
+  others = [config.replace(f_ser=f_ser) for f_ser in (1e9, 4e9)]
+  got = [objective_allocation(slots, slots.mask, other.params()) for other in others]
+  assert static._cache_size() == before + 1
+  for decision, other in zip(got, others):
+    want = objective(slots, objective_allocation(slots, slots.mask, other), other)
+    np.testing.assert_allclose(objective(slots, decision, other), want, rtol=1e-4)
+
+
+def _extreme_corners():
+  """Every corner of the allowed ranges that the solvers' numerics feel: sizes,
+  workloads, budgets and the SNR at both ends (K at its allowed limits)."""
+  base = MECConfig(case=1, n_users=6)
+  high = dict(dist_min=0.01, dist_max=0.02)
+  low = dict(dist_min=1e6, dist_max=1e7)
+  for end, d in (('high', high), ('low', low)):
+    reach = base.replace(**d, p_tx=1.0)
+    k = reach.snr_coefficient(d['dist_min'] if end == 'high' else d['dist_max'])
+    d['p_tx'] = (0.99e25 if end == 'high' else 1.01e-12) / k
+  for corner in itertools.product((1e-3, 1e9), (1e-3, 1e6), (1e3, 1e13), (1.0, 1e12),
+                                  (high, low)):
+    s_avg, c_avg, f_ser, b_max, snr = corner
+    yield base.replace(s_avg=s_avg, c_avg=c_avg, f_ser=f_ser, b_max=b_max, **snr)
+
+
+@pytest.mark.parametrize('x64', [False, True])
+def test_solvers_stay_finite_at_every_corner_of_the_allowed_ranges(x64):
+  with jax.enable_x64(x64):
+    @jax.jit
+    def finite(key, params):  # the constants are traced: one compile for every corner
+      slots = sample_slots(key, params, 8)
+      ok = []
+      for solve in (optimal_allocation, objective_allocation):
+        d = solve(slots, slots.mask, params)
+        ok.append(jnp.isfinite(d.b).all() & jnp.isfinite(d.f).all()
+                  & ~jnp.isnan(slot_costs(slots, d, params).objective).any())
+      ok.append(~jnp.isnan(objective_bound(slots, slots.mask, params)).any())
+      return jnp.stack(ok)
+
+    for config in _extreme_corners():
+      got = np.asarray(finite(jax.random.PRNGKey(0), config.params()))
+      assert got.all(), (config, got)

@@ -1,5 +1,10 @@
 """Training: the loss falls, a tiny network beats equal split, resume is exact."""
 
+import json
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import numpy as np
@@ -8,13 +13,16 @@ import pytest
 from dynn_jax import ConfigError, MECConfig, equal_split, sample_slots, slot_costs
 from dynn_jax.env import weighted_edge_delay
 from dynn_jax.models import ModelConfig, MoEAllocator, allocate
-from dynn_jax.runs import RunDir
+from dynn_jax.networks import Networks
+from dynn_jax.runs import RunDir, RunDirError
 from dynn_jax.training import (TrainConfig, init_params, kl_bounds, load_networks,
-                               miss_temperature, save_networks, train_allocator, train_all,
-                               trained_loss, weighted_delays)
+                               miss_temperature, read_flagfile, run_config, save_networks,
+                               train_allocator, train_all, train_and_evaluate, trained_loss,
+                               weighted_delays)
 from dynn_jax.evaluation import Params
 from dynn_jax.env import normalized_features
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEC = MECConfig(n_users=8)
 MODEL = ModelConfig.for_env(MEC, num_experts=3, max_depth=2, width=16)
 TRAIN = TrainConfig(batch=32, full_steps=60, width_steps=60, depth_steps=60,
@@ -79,6 +87,17 @@ def test_resume_equals_uninterrupted(tmp_path, loss):
     train_allocator(MEC, MODEL, train, run, on_chunk=kill_after_three_chunks)
   resumed = train_allocator(MEC, MODEL, train, RunDir(str(tmp_path / 'run')))
   chex.assert_trees_all_equal(whole, resumed)
+
+
+def test_params_passed_in_stay_usable():
+  # The training chunk donates its state: the caller's arrays must not be consumed.
+  train = TrainConfig(batch=4, static_steps=4, steps_per_call=2)
+  start = train_allocator(MEC, MODEL, train.replace(static_steps=2), name='static',
+                          static=True)
+  trained = train_allocator(MEC, MODEL, train, params=start, name='static', static=True)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(start))
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(trained))
+  assert not jax.tree.all(jax.tree.map(np.array_equal, start, trained))
 
 
 def test_networks_file_round_trip_and_errors(tmp_path, trained):
@@ -183,3 +202,68 @@ def test_cost_study_stops_at_the_bar_and_resumes_from_its_cache(tmp_path, monkey
   assert again['results'] == json.loads(json.dumps(study['results']))
   with pytest.raises(RuntimeError, match='recomputed'):  # other settings: not reused
     cost_study.run_study(mec, model, train, **{**kwargs, 'bar': 50.0})
+
+
+TINY_MEC = MECConfig(n_users=6)
+TINY_MODEL = ModelConfig.for_env(TINY_MEC, num_experts=2, max_depth=2, width=8, static_width=8)
+TINY_TRAIN = TrainConfig(batch=8, full_steps=2, width_steps=2, depth_steps=2, static_steps=2,
+                         policy_steps=2, joint_steps=0, steps_per_call=2, eval_slots=64)
+
+
+def test_train_and_evaluate_trains_saves_summarises_and_resumes(tmp_path):
+  run_dir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match='eval_chunk'):
+    train_and_evaluate(TINY_MEC, TINY_MODEL, TINY_TRAIN, run_dir, resume=False, eval_chunk=0)
+  assert not os.path.exists(run_dir)
+  nets, summary = train_and_evaluate(TINY_MEC, TINY_MODEL, TINY_TRAIN, run_dir,
+                                     resume=False, eval_chunk=32)
+  saved = Networks.load(run_dir)
+  chex.assert_trees_all_equal(saved.params, nets.params)
+  assert (saved.mec, saved.model, saved.loss) == (TINY_MEC, TINY_MODEL, 'paper')
+  with open(os.path.join(run_dir, 'summary.json')) as f:
+    assert json.load(f)['text'] == summary['text']
+  assert 'static baseline gap' in summary['text']
+  with pytest.raises(RunDirError, match='already holds a run'):
+    train_and_evaluate(TINY_MEC, TINY_MODEL, TINY_TRAIN, run_dir, resume=False)
+  again, _ = train_and_evaluate(TINY_MEC, TINY_MODEL, TINY_TRAIN, run_dir, resume=True)
+  chex.assert_trees_all_equal(again.params, nets.params)  # every phase already done
+
+
+def test_read_flagfile_follows_nesting_and_refuses_unknown_names(tmp_path):
+  base = tmp_path / 'base.flags'
+  base.write_text('# a comment\n// another\n\n--case=2\n--n_users=6\n--batch=16\n'
+                  '--normalize_rewards\n--run_dir=runs/x\n')
+  top = tmp_path / 'top.flags'
+  top.write_text(f'--flagfile={base}\n--flagfile={top}\n--batch=8\n--nogate_noise\n'
+                 '--alloc_lr=2e-3\n')
+  flags = read_flagfile(str(top))
+  assert flags.mec == MECConfig(case=2, n_users=6)
+  assert flags.model == ModelConfig.for_env(flags.mec, gate_noise=False)
+  assert flags.train == TrainConfig(batch=8, normalize_rewards=True, alloc_lr=2e-3)
+  assert flags.launcher == {'run_dir': 'runs/x'}
+  for text, message in [('--batch=8\n--no_such_field=1\n', r'bad\.flags:2: unknown flag '
+                                                              r'--no_such_field'),
+                        ('--max_users=4\n', 'unknown flag --max_users'),
+                        ('--batch=eight\n', 'expected an integer'),
+                        ('--alloc_lr=nan\n', 'expected a finite number'),
+                        ('--gate_noise=maybe\n', 'expected true or false'),
+                        ('batch=8\n', 'not a --name=value flag'),
+                        ('--batch=0\n', r'TrainConfig\.batch = 0'),
+                        (f'--flagfile={tmp_path / "missing.flags"}\n', 'cannot be read')]:
+    bad = tmp_path / 'bad.flags'
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+      read_flagfile(str(bad))
+
+
+def test_read_flagfile_reads_a_shipped_flagfile_as_the_launcher_does(tmp_path, monkeypatch):
+  path = 'launch/flags/objective_case2.flags'  # nested twice, a bare boolean
+  result = subprocess.run([sys.executable, 'launch/train.py', f'--flagfile={path}',
+                           f'--run_dir={tmp_path / "run"}', '--dry_run'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  resolved = json.loads(result.stdout[:result.stdout.rindex('}') + 1])
+  monkeypatch.chdir(ROOT)  # nested flagfiles are named relative to the working directory
+  flags = read_flagfile(path)
+  mine = json.loads(json.dumps(run_config(flags.mec, flags.model, flags.train)))
+  assert {k: resolved[k] for k in mine} == mine

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dynn_jax.config import MECConfig
+from dynn_jax.config import Config
 from dynn_jax.env import Decision, Slots, importance_weight, snr_coefficient
 
 Array = jax.Array
@@ -34,13 +34,20 @@ def _log_psi_and_slope(u: Array) -> tuple[Array, Array]:
   """log psi(e^u) and its derivative in u (between 1 and 2)."""
   t = jnp.exp(u)
   log1p_t = jnp.log1p(t)
-  # ln(1+t) - t/(1+t) cancels for small t: use its series there.
-  series = t * t * (0.5 - t * (2.0 / 3.0 - 0.75 * t))
-  gap = jnp.where(t < 1e-3, series, log1p_t - t / (1.0 + t))
-  log_psi = 2.0 * u + jnp.log(gap) - 2.0 * jnp.log(log1p_t)
+  small = t < 1e-3
+  # ln(1+t) - t/(1+t) cancels for small t, and t^2 underflows at extreme SNRs (legal
+  # configs reach t ~ 1e-25): take the logs of the series with the powers of t apart.
+  large_gap = jnp.where(small, 1.0, log1p_t - t / (1.0 + t))
+  log_gap = jnp.where(small, 2.0 * u + jnp.log(0.5 - t * (2.0 / 3.0 - 0.75 * t)),
+                      jnp.log(large_gap))
+  log_log1p = jnp.where(small, u + jnp.log1p(-t * (0.5 - t / 3.0)),
+                        jnp.log(jnp.where(small, 1.0, log1p_t)))
+  log_psi = 2.0 * u + log_gap - 2.0 * log_log1p
   # d/du [log t^2] = 2; d/du log(gap) = t * t/(1+t)^2 / gap; d/du log ln(1+t) = t/((1+t) ln(1+t))
-  small_ratio = jnp.where(t < 1e-3, 2.0 - 4.0 / 3.0 * t, t * t / ((1.0 + t) ** 2 * gap))
-  small_log = jnp.where(t < 1e-3, 1.0 - 0.5 * t, t / ((1.0 + t) * log1p_t))
+  # (written (t / (1 + t))^2: t^2 overflows at high SNR)
+  small_ratio = jnp.where(small, 2.0 - 4.0 / 3.0 * t, (t / (1.0 + t)) ** 2 / large_gap)
+  small_log = jnp.where(small, 1.0 - 0.5 * t,
+                        t / ((1.0 + t) * jnp.where(small, 1.0, log1p_t)))
   slope = 2.0 + small_ratio - 2.0 * small_log
   return log_psi, slope
 
@@ -95,7 +102,7 @@ def _proportional(share: Array, total: float) -> Array:
 
 
 def weighted_allocation(slots: Slots, offload: Array, tra_weight: Array, com_weight: Array,
-                        config: MECConfig, bisection_steps: int = BISECTION_STEPS) -> Decision:
+                        config: Config, bisection_steps: int = BISECTION_STEPS) -> Decision:
   """Exact minimiser of sum_i tra_weight_i T_tra_i + com_weight_i T_com_i over the
   offloaded users (weights >= 0, broadcastable to [..., W]).
 
@@ -118,7 +125,7 @@ def weighted_allocation(slots: Slots, offload: Array, tra_weight: Array, com_wei
   return Decision(x=x, b=b, f=f)
 
 
-def optimal_allocation(slots: Slots, offload: Array, config: MECConfig) -> Decision:
+def optimal_allocation(slots: Slots, offload: Array, config: Config) -> Decision:
   """Exact minimiser of the weighted edge delay for the offloading set `offload`.
 
   This is the paper's training target, sum_i w_i (T_tra_i + T_com_i), not the objective
@@ -129,7 +136,7 @@ def optimal_allocation(slots: Slots, offload: Array, config: MECConfig) -> Decis
   return weighted_allocation(slots, offload, w, w, config)
 
 
-def equal_split(slots: Slots, offload: Array, config: MECConfig) -> Decision:
+def equal_split(slots: Slots, offload: Array, config: Config) -> Decision:
   """b_max and f_ser split evenly over the offloaded users."""
   x = jnp.asarray(offload).astype(bool) & slots.mask
   share = x.astype(slots.s.dtype)

@@ -33,13 +33,12 @@ its own key from `jax.random.split`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from dynn_jax.config import POSITIVE_INT, ConfigBase, MECConfig, Range, check_ranges
+from dynn_jax.config import POSITIVE_INT, Config, ConfigBase, Range, check_ranges, jit_config
 from dynn_jax.env import Decision, Slots, slot_costs
 from dynn_jax.solvers.offloading import inference_delays
 
@@ -77,10 +76,10 @@ class GAConfig(ConfigBase):
   def __post_init__(self):
     check_ranges(self, _RANGES)
 
-  def population(self, config: MECConfig) -> int:
+  def population(self, config: Config) -> int:
     return self.population_per_task * config.width
 
-  def interval(self, config: MECConfig) -> int:
+  def interval(self, config: Config) -> int:
     return self.decay_interval if config.case == 1 else self.decay_interval_case2
 
 
@@ -94,7 +93,7 @@ def _unit_from_bits(word: Array, n_bits: int, dtype) -> Array:
   return word.astype(dtype) * (2.0 ** -n_bits)
 
 
-def decode(slots: Slots, shares: Array, bits: Array, config: MECConfig) -> Decision:
+def decode(slots: Slots, shares: Array, bits: Array, config: Config) -> Decision:
   """Genomes -> decisions. shares [..., 2, W] (bandwidth, CPU), bits [..., W]."""
   x = bits & slots.mask
   share = jnp.where(x[..., None, :], shares, 0.0)
@@ -105,7 +104,7 @@ def decode(slots: Slots, shares: Array, bits: Array, config: MECConfig) -> Decis
 
 
 def _fitness(slots: Slots, shares: Array, bits: Array, t_inf_edge: Array,
-             t_inf_loc: Array, config: MECConfig) -> Array:
+             t_inf_loc: Array, config: Config) -> Array:
   """Slot objective of every individual: [P]; NaN (0 * inf) counts as inf."""
   decision = decode(slots, shares, bits, config)
   obj = slot_costs(slots, decision, config, t_inf_edge, t_inf_loc).objective
@@ -130,7 +129,7 @@ def _select(u: Array, weight: Array) -> Array:
 
 
 def _ga_one(key: Array, slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
-            config: MECConfig, ga: GAConfig) -> tuple[Decision, Array]:
+            config: Config, ga: GAConfig) -> tuple[Decision, Array]:
   """GA on one slot ([W] arrays): (best decision, best objective per generation)."""
   width = slots.mask.shape[-1]
   pop = ga.population(config)
@@ -189,9 +188,9 @@ def _ga_one(key: Array, slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
   return decode(slots, shares[best], bits[best], config), history
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'ga_config'))
+@jit_config(static_argnames=('ga_config',))
 def _ga_solve(key: Array, slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
-              config: MECConfig, ga_config: GAConfig) -> tuple[Decision, Array]:
+              config: Config, ga_config: GAConfig) -> tuple[Decision, Array]:
   width = slots.mask.shape[-1]
   batch = slots.mask.shape[:-1]
   t_edge = jnp.broadcast_to(t_inf_edge, batch)
@@ -217,7 +216,7 @@ def _ga_solve(key: Array, slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
   return decision, history.reshape(batch + (ga_config.generations,))
 
 
-def ga_solve(key: Array, slots: Slots, config: MECConfig, ga_config: GAConfig = GAConfig(),
+def ga_solve(key: Array, slots: Slots, config: Config, ga_config: GAConfig = GAConfig(),
              t_inf_edge: float | Array = 0.0, t_inf_loc: float | Array = 0.0
              ) -> tuple[Decision, Array]:
   """Runs the GA on every slot of a batch [..., W].

@@ -58,14 +58,13 @@ proportionally, which can only help the others).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dynn_jax.config import MECConfig
+from dynn_jax.config import Config, jit_config
 from dynn_jax.env import (Decision, Slots, edge_delays, local_delay, local_energy,
                           safe_div, snr_coefficient, uplink_rate)
 from dynn_jax.solvers.allocation import (BISECTION_STEPS, _initial_log_t, _invert_log_psi,
@@ -89,19 +88,19 @@ def _expand(value: Array, like: Array) -> Array:
   return jnp.asarray(value, like.dtype)[..., None]
 
 
-def transmission_weight(config: MECConfig) -> float:
+def transmission_weight(config: Config) -> float:
   """The objective's weight on T_tra: alpha (delay) + beta p (the user's energy)."""
   return config.alpha + config.beta * config.p_tx
 
 
-def convex_allocation(slots: Slots, offload: Array, config: MECConfig,
+def convex_allocation(slots: Slots, offload: Array, config: Config,
                       bisection_steps: int = BISECTION_STEPS) -> Decision:
   """Exact minimiser of alpha (T_tra + T_com) + beta p T_tra: the objective less misses."""
   return weighted_allocation(slots, offload, transmission_weight(config), config.alpha,
                              config, bisection_steps)
 
 
-def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: MECConfig,
+def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: Config,
                     t_inf_edge: Array, temperature: Array | None = None) -> Array:
   """Each offloaded user's share of the objective [..., W] (0 elsewhere).
 
@@ -118,7 +117,7 @@ def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: MECConfi
   return jnp.where(x, cost, 0.0)
 
 
-def local_user_costs(slots: Slots, config: MECConfig, t_inf_loc: Array) -> Array:
+def local_user_costs(slots: Slots, config: Config, t_inf_loc: Array) -> Array:
   """Each real user's share of the objective if it computes locally [..., W]."""
   delay = _expand(t_inf_loc, slots.s) + local_delay(slots)
   cost = (config.alpha * delay + config.beta * local_energy(slots, config)
@@ -139,7 +138,7 @@ def _pick(better: Array, a: Decision, b: Decision) -> Decision:
   return jax.tree.map(lambda u, v: jnp.where(better[..., None], u, v), a, b)
 
 
-def _descend(slots: Slots, x: Array, start: Decision, config: MECConfig,
+def _descend(slots: Slots, x: Array, start: Decision, config: Config,
              t_inf_edge: Array, steps: int, temperature_start: float = TEMPERATURE_START
              ) -> tuple[Decision, Array]:
   """Continuation from `start` (see the module docstring): (best decision, its objective)."""
@@ -196,7 +195,7 @@ RESCUE_MARGIN = 0.999
 ROUND_BISECTION_STEPS = 10
 
 
-def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: MECConfig,
+def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: Config,
                       t_inf_edge: Array, rounds: int = RESCUE_ROUNDS) -> Decision:
   """Least convex cost with the users of `rescue` at (or inside) their deadlines.
 
@@ -207,7 +206,7 @@ def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: MECConfig,
   cannot be rescued hit WEIGHT_CAP times alpha instead of starving everyone else.
   """
   tra, com = transmission_weight(config), config.alpha
-  floor = max(com, 1e-12)
+  floor = jnp.maximum(com, 1e-12)
   # Aim a hair inside the deadline: exactly at it, rounding decides the miss.
   slack = RESCUE_MARGIN * jnp.maximum(slots.d - _expand(t_inf_edge, slots.s), 1e-3 * slots.d)
   rescue = rescue & x & (slots.s > 0)
@@ -223,7 +222,7 @@ def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: MECConfig,
   return weighted_allocation(slots, x, tra + lam, com + lam, config)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'steps'))
+@jit_config(static_argnames=('steps',))
 def _objective_allocation(slots, offload, t_inf_edge, config, steps):
   x = jnp.asarray(offload).astype(bool) & slots.mask
   start, _ = _best_start(slots, x, config, t_inf_edge)
@@ -247,12 +246,12 @@ def _better(a: Decision, a_obj: Array, b: Decision, b_obj: Array) -> tuple[Decis
   return _pick(take_b, b, a), jnp.where(take_b, b_obj, a_obj)
 
 
-def _delays(slots: Slots, d: Decision, t_inf_edge: Array, config: MECConfig) -> Array:
+def _delays(slots: Slots, d: Decision, t_inf_edge: Array, config: Config) -> Array:
   t_tra, t_com = edge_delays(slots, d.b, d.f, config)
   return _expand(t_inf_edge, slots.s) + (t_tra + t_com)
 
 
-def objective_allocation(slots: Slots, offload: Array, config: MECConfig,
+def objective_allocation(slots: Slots, offload: Array, config: Config,
                          t_inf_edge: float | Array = 0.0, steps: int = DESCENT_STEPS
                          ) -> Decision:
   """(b, f) minimising the slot objective for the offloading set `offload`.
@@ -269,7 +268,7 @@ def objective_allocation(slots: Slots, offload: Array, config: MECConfig,
 # ----------------------------------------------------------------- lower bounds
 
 
-def resource_prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array, Array]:
+def resource_prices(slots: Slots, d: Decision, config: Config) -> tuple[Array, Array]:
   """Marginal values of bandwidth and CPU under a decision: (nu_b, nu_f) [...].
 
   The mean over offloaded users of -d/db_i and -d/df_i of their convex cost
@@ -281,7 +280,10 @@ def resource_prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array
     live = d.x & need & (value > 0)
     slope = -jax.grad(lambda v: jnp.where(live, cost(v), 0.0).sum())(
         jnp.where(live, value, 1.0))
-    return jnp.where(live, slope, 0.0).sum(-1) / jnp.maximum(live.sum(-1), 1)
+    price = jnp.where(live, slope, 0.0).sum(-1) / jnp.maximum(live.sum(-1), 1)
+    # A price is >= 0; at extreme SNRs the rate's slope rounds to 0 or below and the
+    # marginal to -inf: no price is then as good a guess as any, and a bound stays one.
+    return jnp.where(jnp.isfinite(price), jnp.maximum(price, 0.0), 0.0)
   nu_b = marginal(d.b, slots.s > 0,
                   lambda b: tra_weight * safe_div(slots.s, uplink_rate(b, slots.l, config)))
   nu_f = marginal(d.f, slots.c * slots.s > 0,
@@ -289,7 +291,7 @@ def resource_prices(slots: Slots, d: Decision, config: MECConfig) -> tuple[Array
   return nu_b, nu_f
 
 
-def _priced_bandwidth(slots: Slots, nu_b: Array, config: MECConfig) -> Array:
+def _priced_bandwidth(slots: Slots, nu_b: Array, config: Config) -> Array:
   """min_b [(alpha + beta p) s / r(b) + nu_b b] per user [..., W]."""
   ws = transmission_weight(config) * slots.s
   k = snr_coefficient(slots.l, config)
@@ -300,30 +302,33 @@ def _priced_bandwidth(slots: Slots, nu_b: Array, config: MECConfig) -> Array:
   u = _invert_log_psi(target, _initial_log_t(target), BOUND_NEWTON_STEPS)
   b = k * jnp.exp(-u)
   value = safe_div(ws, uplink_rate(b, slots.l, config)) + nu * b
-  # Without a price the infimum is the rate limit at infinite bandwidth, K / ln 2.
-  value = jnp.where(nu_b[..., None] > 0, value, ws * math.log(2.0) / k)
+  # Without a price the infimum is the rate limit at infinite bandwidth, K / ln 2. The
+  # same limit stands in where the priced optimum overflows (a tiny price at a tiny
+  # SNR): ws / r(b) >= ws ln 2 / K for every b, so the bound stays a bound.
+  unpriced = ws * math.log(2.0) / k
+  value = jnp.where((nu_b[..., None] > 0) & jnp.isfinite(value), value, unpriced)
   return jnp.where(live, value, 0.0)
 
 
-def _priced_compute(slots: Slots, nu_f: Array, config: MECConfig) -> Array:
+def _priced_compute(slots: Slots, nu_f: Array, config: Config) -> Array:
   """min_f [alpha c s / f + nu_f f] = 2 sqrt(alpha c s nu_f) per user [..., W]."""
   return 2.0 * jnp.sqrt(config.alpha * slots.c * slots.s * _expand(nu_f, slots.s))
 
 
-def _certain_miss(slots: Slots, config: MECConfig, t_inf_edge: Array) -> Array:
+def _certain_miss(slots: Slots, config: Config, t_inf_edge: Array) -> Array:
   """Users late even with the whole bandwidth and CPU [..., W]."""
   t_tra, t_com = edge_delays(slots, jnp.full_like(slots.s, config.b_max),
                              jnp.full_like(slots.s, config.f_ser), config)
   return _expand(t_inf_edge, slots.s) + (t_tra + t_com) > slots.d
 
 
-def _unpriced_edge_cost(slots: Slots, config: MECConfig, t_inf_edge: Array) -> Array:
+def _unpriced_edge_cost(slots: Slots, config: Config, t_inf_edge: Array) -> Array:
   """The part of a user's edge cost no allocation changes: alpha T_inf + delta 1{certain miss}."""
   return (config.alpha * _expand(t_inf_edge, slots.s)
           + config.delta * _certain_miss(slots, config, t_inf_edge))
 
 
-def _dual_bound(slots: Slots, x: Array, config: MECConfig, t_inf_edge: Array,
+def _dual_bound(slots: Slots, x: Array, config: Config, t_inf_edge: Array,
                 local: Array | None, nu_b: Array, nu_f: Array) -> Array:
   """The best dual value over the price grid PRICE_SCALES^2 around (nu_b, nu_f): [...]."""
   fixed = _unpriced_edge_cost(slots, config, t_inf_edge)
@@ -341,14 +346,14 @@ def _dual_bound(slots: Slots, x: Array, config: MECConfig, t_inf_edge: Array,
   return best - 64 * jnp.finfo(best.dtype).eps * jnp.abs(best)
 
 
-@functools.partial(jax.jit, static_argnames=('config',))
+@jit_config
 def _objective_bound(slots, offload, t_inf_edge, config):
   x = jnp.asarray(offload).astype(bool) & slots.mask
   nu_b, nu_f = resource_prices(slots, convex_allocation(slots, x, config), config)
   return _dual_bound(slots, x, config, t_inf_edge, None, nu_b, nu_f)
 
 
-def objective_bound(slots: Slots, offload: Array, config: MECConfig,
+def objective_bound(slots: Slots, offload: Array, config: Config,
                     t_inf_edge: float | Array = 0.0) -> Array:
   """A lower bound [...] of the least slot objective for the offloading set `offload`.
 
@@ -359,14 +364,14 @@ def objective_bound(slots: Slots, offload: Array, config: MECConfig,
   return _objective_bound(slots, offload, t_edge, config=config)
 
 
-@functools.partial(jax.jit, static_argnames=('config',))
+@jit_config
 def _joint_objective_bound(slots, t_inf_edge, t_inf_loc, config):
   nu_b, nu_f = resource_prices(slots, convex_allocation(slots, slots.mask, config), config)
   local = local_user_costs(slots, config, t_inf_loc)
   return _dual_bound(slots, slots.mask, config, t_inf_edge, local, nu_b, nu_f)
 
 
-def joint_objective_bound(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 0.0,
+def joint_objective_bound(slots: Slots, config: Config, t_inf_edge: float | Array = 0.0,
                           t_inf_loc: float | Array = 0.0) -> Array:
   """A lower bound [...] of the least slot objective over every offloading set too."""
   t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
@@ -393,7 +398,7 @@ def _convex_score(slots, x, config, t_inf_edge, t_inf_loc) -> Array:
   return _objective(slots, x, d.b, d.f, config, t_inf_edge, t_inf_loc)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'steps'))
+@jit_config(static_argnames=('steps',))
 def _oracle_offload(slots, t_inf_edge, t_inf_loc, config, steps):
   local = local_user_costs(slots, config, t_inf_loc)
   candidates = [slots.mask, jnp.zeros_like(slots.mask)]
@@ -436,7 +441,7 @@ def _oracle_offload(slots, t_inf_edge, t_inf_loc, config, steps):
   return _pick(obj_after <= obj_before, kept, decision)
 
 
-def oracle_offload(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 0.0,
+def oracle_offload(slots: Slots, config: Config, t_inf_edge: float | Array = 0.0,
                    t_inf_loc: float | Array = 0.0, steps: int = DESCENT_STEPS) -> Decision:
   """The best joint (offloading set, allocation) found for the slot objective (case 2).
 
@@ -448,7 +453,7 @@ def oracle_offload(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 
 
 
 
-def oracle(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 0.0,
+def oracle(slots: Slots, config: Config, t_inf_edge: float | Array = 0.0,
            t_inf_loc: float | Array = 0.0) -> Decision:
   """The best decision found for the objective: case 1 (users have no CPU) everyone
   offloaded with `objective_allocation`, case 2 also the offloading set (`oracle_offload`)."""

@@ -6,12 +6,11 @@ offload vector x (or a `Decision`) of the same shape; padded users are never off
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from dynn_jax.config import MECConfig
+from dynn_jax.config import Config, jit_config
 from dynn_jax.env import Decision, Slots, slot_costs
 from dynn_jax.solvers.allocation import optimal_allocation
 
@@ -53,7 +52,7 @@ def offloading_table(width: int) -> Array:
 
 
 def _search_one(slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
-                config: MECConfig) -> Decision:
+                config: Config) -> Decision:
   """Exhaustive search over one slot's offloading sets ([W] arrays)."""
   table = offloading_table(slots.mask.shape[-1])
   n_sets = table.shape[0]
@@ -78,9 +77,9 @@ def inference_delays(slots: Slots, t_inf_edge, t_inf_loc) -> tuple[Array, Array]
   return jnp.asarray(t_inf_edge, dtype), jnp.asarray(t_inf_loc, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('config',))
+@jit_config
 def _exhaustive_search(slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
-                       config: MECConfig) -> Decision:
+                       config: Config) -> Decision:
   width = slots.mask.shape[-1]
   batch = slots.mask.shape[:-1]
   flat = jax.tree.map(lambda a: a.reshape((-1, width)), slots)
@@ -91,7 +90,7 @@ def _exhaustive_search(slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
   return jax.tree.map(lambda a: a.reshape(batch + (width,)), decision)
 
 
-def exhaustive_search(slots: Slots, config: MECConfig, t_inf_edge: float | Array = 0.0,
+def exhaustive_search(slots: Slots, config: Config, t_inf_edge: float | Array = 0.0,
                       t_inf_loc: float | Array = 0.0) -> Decision:
   """The offloading set (with its optimal allocation) of least slot objective.
 

@@ -1,0 +1,48 @@
+"""Training (SPEC section 4): the allocation DyNN by progressive shrinking, the static
+baseline, the policy (supervised) and the scheduler (policy gradient).
+
+  config  TrainConfig, phase keys, the (k, l) schedule, the miss temperature, the slots
+          each step draws;
+  steps   the update (`TrainState`, `update`) and one step of each phase: allocator
+          (paper or objective loss), policy, joint scheduler + policy;
+  loop    the scanned, checkpointed, resumable chunk loop and the phases run on it
+          (`train_allocator`, `train_policy`, `train_joint`, `train_all`);
+  job     `train_and_evaluate` (a run directory, trained, saved and summarised) and
+          `read_flagfile` (a training flagfile's configs).
+
+The quality measure lives in `dynn_jax.quality`, the networks file in
+`dynn_jax.networks`; both are re-exported here for the callers that import them from
+this package.
+"""
+
+from dynn_jax.networks import (LOSSES, Params, init_params, load_networks, save_networks,
+                               trained_loss)
+from dynn_jax.quality import (HELD_OUT_SEED, HeldOut, held_out, static_gap, subnetwork_gaps,
+                              weighted_delays)
+from dynn_jax.training.config import (DYNAMIC, SCHEDULES, TrainConfig, kl_bounds,
+                                      miss_temperature, phase_key, sample_kl, sample_offload,
+                                      training_slots)
+from dynn_jax.training.job import (LAUNCHER_FLAGS, TrainingFlags, read_flagfile, run_config,
+                                   train_and_evaluate)
+from dynn_jax.training.loop import (chunked_phase, scan_chunk, train_all, train_allocator,
+                                    train_joint, train_policy)
+from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
+                                     modelled_delay_table, moe_apply, objective_loss,
+                                     policy_labels, policy_loss, policy_step, static_apply,
+                                     update, user_costs)
+
+# dynn_jax.benchmark's profile builds a chunk by this name (without donation: it reuses
+# the state it passes).
+_scan_chunk = scan_chunk
+
+__all__ = [
+    'DYNAMIC', 'HELD_OUT_SEED', 'HeldOut', 'JointState', 'LAUNCHER_FLAGS', 'LOSSES', 'Params',
+    'SCHEDULES', 'TrainConfig', 'TrainState', 'TrainingFlags', 'allocator_step',
+    'chunked_phase', 'held_out', 'init_params', 'joint_step', 'kl_bounds', 'load_networks',
+    'miss_temperature', 'modelled_delay_table', 'moe_apply', 'objective_loss', 'phase_key',
+    'policy_labels', 'policy_loss', 'policy_step', 'read_flagfile', 'run_config',
+    'sample_kl', 'sample_offload', 'save_networks', 'scan_chunk', 'static_apply',
+    'static_gap', 'subnetwork_gaps', 'train_all', 'train_allocator', 'train_and_evaluate',
+    'train_joint', 'train_policy', 'trained_loss', 'training_slots', 'update', 'user_costs',
+    'weighted_delays',
+]

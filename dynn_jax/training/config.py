@@ -1,0 +1,166 @@
+"""What a training run is told: `TrainConfig`, the per-phase keys, the (k, l) schedule of
+progressive shrinking, the annealed miss temperature and the slots each step draws.
+
+Everything here is a pure function of the config and the step; nothing here updates
+parameters (see `steps`) or runs a loop (see `loop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, ConfigError,
+                             MECConfig, Range, check_choice, check_ranges)
+from dynn_jax.env import Slots, sample_slots
+from dynn_jax.models import ModelConfig
+from dynn_jax.networks import LOSSES
+
+Array = jax.Array
+
+SCHEDULES = ('progressive', 'scratch')
+DYNAMIC = ('full', 'width', 'depth')
+
+
+_TRAIN_RANGES = {
+    **{name: POSITIVE_INT for name in ('batch', 'steps_per_call', 'checkpoint_every',
+                                       'eval_slots')},
+    **{name: NON_NEGATIVE_INT for name in ('seed', 'full_steps', 'width_steps', 'depth_steps',
+                                           'scratch_steps', 'static_steps', 'policy_steps',
+                                           'joint_steps')},
+    'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
+    'miss_temperature_start': POSITIVE, 'miss_temperature_end': POSITIVE,
+    'offload_fraction_min': Range(0.0, 1.0, False, True),
+    **{name: POSITIVE for name in ('size_scale_min', 'size_scale_max', 'workload_scale_min',
+                                   'workload_scale_max')},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+  """Everything about training that is not the system or the network sizes."""
+  seed: int = 0
+  batch: int = 64                   # slots per step
+  alloc_lr: float = 1e-3
+  policy_lr: float = 1e-4
+  scheduler_lr: float = 2e-3
+  schedule: str = 'progressive'     # or 'scratch'
+  dynamic: str = 'full'             # which dimensions shrink: 'full', 'width', 'depth'
+  full_steps: int = 2000            # progressive stage 1: (K, L) only
+  width_steps: int = 2000           # stage 2: smaller widths
+  depth_steps: int = 1000           # stage 3: smaller depths
+  scratch_steps: int = 5000         # 'scratch': all sub-networks jointly
+  static_steps: int = 3000          # static baseline (0: not trained)
+  policy_steps: int = 1000          # policy pre-training with all tasks offloaded
+  joint_steps: int = 1000           # case 2 joint scheduler + policy loop
+  steps_per_call: int = 50          # steps per compiled chunk (lax.scan length)
+  checkpoint_every: int = 10        # chunks between checkpoints
+  offload_fraction_min: float = 1.0  # allocator trained on random offloaded subsets
+  # Per-slot factors on s_i and c_i drawn from [min, max]: networks trained on a range of
+  # data sizes and workloads serve a whole sweep (the optimal shares do not depend on
+  # s_avg or c_avg themselves, only on the users' values).
+  size_scale_min: float = 1.0
+  size_scale_max: float = 1.0
+  workload_scale_min: float = 1.0
+  workload_scale_max: float = 1.0
+  eval_slots: int = 2048            # held-out slots for the final report
+  # 'paper': SPEC section 4's weighted-delay losses; 'objective': the slot objective of
+  # SPEC section 1 (see `dynn_jax.training.steps`).
+  loss: str = 'paper'
+  # Relative temperature of the smoothed miss indicator sigmoid((T - d) / (tau d)) in the
+  # 'objective' loss, annealed geometrically from start to end over each allocator phase.
+  miss_temperature_start: float = 0.3
+  miss_temperature_end: float = 0.01
+  # Scheduler rewards divided per slot by the slot's mean |reward|, so that slots with
+  # large tasks (large costs) do not set every gradient. Always on with loss='objective'.
+  normalize_rewards: bool = False
+
+  def __post_init__(self):
+    check_ranges(self, _TRAIN_RANGES)
+    check_choice(self, 'schedule', SCHEDULES)
+    check_choice(self, 'dynamic', DYNAMIC)
+    check_choice(self, 'loss', LOSSES)
+    for kind in ('size', 'workload'):
+      low, high = getattr(self, f'{kind}_scale_min'), getattr(self, f'{kind}_scale_max')
+      if high < low:
+        raise ConfigError(f'TrainConfig.{kind}_scale_max = {high!r}; must be >= '
+                          f'{kind}_scale_min = {low!r}')
+
+  @property
+  def alloc_steps(self) -> int:
+    if self.schedule == 'scratch':
+      return self.scratch_steps
+    return self.full_steps + self.width_steps + self.depth_steps
+
+
+def phase_key(seed: int, name: str) -> Array:
+  """A key per (seed, phase name); crc32, not hash(): str hashes change per process."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) % (2 ** 31))
+
+
+# ------------------------------------------------------------------ (k, l) schedule
+
+
+def _shrink(progress: Array, top: int) -> Array:
+  """Lowest value allowed when a range [.., top] grows down to 1 over progress in (0, 1]."""
+  return top - jnp.ceil(jnp.clip(progress, 0.0, 1.0) * (top - 1)).astype(jnp.int32)
+
+
+def kl_bounds(step: Array, train: TrainConfig, model: ModelConfig) -> tuple[Array, Array]:
+  """(k_low, l_low): the smallest width and depth trained at `step`."""
+  K, L = model.num_experts, model.max_depth
+  shrink_k = train.dynamic in ('full', 'width')
+  shrink_l = train.dynamic in ('full', 'depth')
+  if train.schedule == 'scratch':
+    return jnp.int32(1 if shrink_k else K), jnp.int32(1 if shrink_l else L)
+  s1, s2 = train.full_steps, train.width_steps
+  width_progress = (step - s1 + 1) / max(s2, 1)
+  depth_progress = (step - s1 - s2 + 1) / max(train.depth_steps, 1)
+  k_low = jnp.where(step < s1, K, _shrink(width_progress, K)) if shrink_k else jnp.int32(K)
+  l_low = jnp.where(step < s1 + s2, L, _shrink(depth_progress, L)) if shrink_l else jnp.int32(L)
+  return jnp.int32(k_low), jnp.int32(l_low)
+
+
+def sample_kl(key: Array, step: Array, shape: tuple[int, ...], train: TrainConfig,
+              model: ModelConfig) -> tuple[Array, Array]:
+  k_low, l_low = kl_bounds(step, train, model)
+  kk, kl = jax.random.split(key)
+  k = jax.random.randint(kk, shape, k_low, model.num_experts + 1)
+  l = jax.random.randint(kl, shape, l_low, model.max_depth + 1)
+  return k, l
+
+
+def miss_temperature(step: Array, total: int, train: TrainConfig) -> Array:
+  """Geometric anneal from miss_temperature_start (step 0) to _end (the last step)."""
+  progress = jnp.clip(step / max(total - 1, 1), 0.0, 1.0)
+  ratio = train.miss_temperature_end / train.miss_temperature_start
+  return train.miss_temperature_start * ratio ** progress
+
+
+# ------------------------------------------------------------------ training data
+
+
+def training_slots(key: Array, mec: MECConfig, train: TrainConfig) -> Slots:
+  """`train.batch` fresh slots, with s and c scaled per slot (see TrainConfig)."""
+  ks, kscale = jax.random.split(key)
+  slots = sample_slots(ks, mec, train.batch)
+  ranges = ((train.size_scale_min, train.size_scale_max),
+            (train.workload_scale_min, train.workload_scale_max))
+  if all(low == high == 1.0 for low, high in ranges):
+    return slots
+  u = jax.random.uniform(kscale, (2, train.batch, 1), slots.s.dtype)
+  (s_lo, s_hi), (c_lo, c_hi) = ranges
+  return slots._replace(s=slots.s * (s_lo + (s_hi - s_lo) * u[0]),
+                        c=slots.c * (c_lo + (c_hi - c_lo) * u[1]))
+
+
+def sample_offload(key: Array, slots: Slots, fraction_min: float) -> Array:
+  """All real users when fraction_min = 1; else each slot offloads a random fraction."""
+  if fraction_min >= 1.0:
+    return slots.mask
+  kq, kx = jax.random.split(key)
+  q = jax.random.uniform(kq, slots.mask.shape[:-1] + (1,), minval=fraction_min, maxval=1.0)
+  return slots.mask & (jax.random.uniform(kx, slots.mask.shape) < q)

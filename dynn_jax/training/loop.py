@@ -1,0 +1,146 @@
+"""The training loop: every phase is a sequence of jit-compiled *chunks*, each
+`steps_per_call` steps of a `steps` function under `lax.scan`, with fresh slots sampled
+on device every step. The key of step t is `fold_in(phase_key, t)`, so a run resumed
+from a checkpoint at any chunk boundary ends with exactly the parameters of an
+uninterrupted run.
+
+A chunk donates the state it is given (its buffers become the returned state's): the
+loop never reads a state after passing it to the next chunk, and copies the state it
+starts from, which may share buffers with the caller's arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dynn_jax.config import MECConfig
+from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
+from dynn_jax.networks import Params, init_params
+from dynn_jax.runs import Progress, RunDir
+from dynn_jax.training.config import TrainConfig, phase_key
+from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
+                                     modelled_delay_table, moe_apply, policy_step,
+                                     static_apply)
+
+Array = jax.Array
+
+
+def chunked_phase(name: str, run: RunDir | None, state: Any, total: int,
+                  train: TrainConfig, chunk: Callable,
+                  on_chunk: Callable[[int, Any], bool | None] | None = None) -> Any:
+  """Runs `chunk` until `total` steps, resuming and checkpointing through `run`.
+
+  `on_chunk(step, state)` runs after every chunk (e.g. a quality check); returning
+  True ends the phase there. Its `state` is valid during the call only: the next chunk
+  donates it. With `run`, the phase holds the run directory's lock, and metrics logged
+  after the restored checkpoint (by a run killed between checkpoints) are dropped
+  before they are logged again.
+  """
+  if run is not None and not run.holds_lock:
+    with run.locked():
+      return chunked_phase(name, run, state, total, train, chunk, on_chunk)
+  if run is not None:
+    restored = run.restore(name, state)
+    if restored is not None:
+      state = restored
+    run.rewind_metrics(name, int(state.step))
+  state = jax.tree.map(jnp.copy, state)
+  done = int(state.step)
+  progress = Progress(name, total, start_step=done)
+  chunks = 0
+  while done < total:
+    steps = min(train.steps_per_call, total - done)
+    state, metrics = chunk(state, steps)
+    done = int(state.step)
+    chunks += 1
+    metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+    if run is not None:
+      run.log({'phase': name, 'step': done, 'time': time.time(), **metrics})
+    stop = on_chunk is not None and bool(on_chunk(done, state))
+    progress.update(done, force=done >= total or stop, **metrics)
+    if run is not None and (chunks % train.checkpoint_every == 0 or done >= total or stop):
+      run.save(name, state)
+    if stop:
+      break
+  return state
+
+
+def scan_chunk(step_fn: Callable, key: Array, donate: bool = False):
+  """(state, steps) -> (state, metrics): `step_fn(state, step_key)` `steps` times under
+  scan. With `donate`, the state passed in is consumed (see the module docstring)."""
+  def chunk(state, steps_array):
+    def body(state, _):
+      return step_fn(state, jax.random.fold_in(key, state.step))
+    return jax.lax.scan(body, state, steps_array)
+
+  compiled = jax.jit(chunk, donate_argnums=0 if donate else ())
+  # The scan length is static: a short final chunk is a second (and last) compile.
+  return lambda state, steps: compiled(state, jnp.zeros((steps,)))
+
+
+def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
+                    run: RunDir | None = None, params: Any = None,
+                    name: str = 'allocator', static: bool = False,
+                    on_chunk: Callable[[int, Any], bool | None] | None = None) -> Any:
+  """Trains the DyNN (or the static baseline) and returns its parameters."""
+  key = phase_key(train.seed, name)
+  module = StaticAllocator(model) if static else MoEAllocator(model)
+  if params is None:
+    params = init_params(module, jax.random.fold_in(key, 0), mec)
+  tx = optax.adam(train.alloc_lr)
+  apply = static_apply(model) if static else moe_apply(model)
+  total = train.static_steps if static else train.alloc_steps
+  step = allocator_step(apply, tx, mec, train, model, dynamic=not static, total=total)
+  chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
+  return chunked_phase(name, run, TrainState.create(tx, params), total, train, chunk,
+                       on_chunk).params
+
+
+def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
+                 run: RunDir | None = None, delay_table: Callable = modelled_delay_table,
+                 name: str = 'policy') -> Any:
+  """Pre-trains the policy on slots with every task offloaded."""
+  key = phase_key(train.seed, name)
+  params = init_params(Policy(model), jax.random.fold_in(key, 0), mec)
+  tx = optax.adam(train.policy_lr)
+  step = policy_step(tx, mec, model, train, alloc_params, delay_table)
+  chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
+  return chunked_phase(name, run, TrainState.create(tx, params), train.policy_steps, train,
+                       chunk).params
+
+
+def train_joint(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
+                policy_params: Any, run: RunDir | None = None,
+                delay_table: Callable = modelled_delay_table, name: str = 'joint'
+                ) -> tuple[Any, Any]:
+  """Case 2: the scheduler and the policy trained together, allocator frozen."""
+  key = phase_key(train.seed, name)
+  sched_params = init_params(Scheduler(model), jax.random.fold_in(key, 0), mec)
+  tx_s, tx_p = optax.adam(train.scheduler_lr), optax.adam(train.policy_lr)
+  step = joint_step(tx_s, tx_p, mec, model, train, alloc_params, delay_table)
+  state = JointState(TrainState.create(tx_s, sched_params),
+                     TrainState.create(tx_p, policy_params), jnp.int32(0))
+  chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
+  state = chunked_phase(name, run, state, train.joint_steps, train, chunk)
+  return state.scheduler.params, state.policy.params
+
+
+def train_all(mec: MECConfig, model: ModelConfig, train: TrainConfig,
+              run: RunDir | None = None) -> Params:
+  """Allocator, static baseline, policy and (case 2) scheduler, in the paper's order."""
+  allocator = train_allocator(mec, model, train, run)
+  static = (train_allocator(mec, model, train, run, name='static', static=True)
+            if train.static_steps else None)
+  policy = train_policy(mec, model, train, allocator, run) if train.policy_steps else None
+  scheduler = None
+  if mec.case == 2 and train.joint_steps:
+    if policy is None:
+      policy = init_params(Policy(model), phase_key(train.seed, 'policy'), mec)
+    scheduler, policy = train_joint(mec, model, train, allocator, policy, run)
+  return Params(allocator=allocator, static=static, policy=policy, scheduler=scheduler)
