@@ -16,7 +16,7 @@ from dynn_jax.evaluation import EvalResult, Params, Setting, default_methods, ev
 from dynn_jax.io import write_bytes_atomic
 from dynn_jax.models import ModelConfig
 from dynn_jax.quality import HELD_OUT_SEED, quality_gaps
-from dynn_jax.reproduce import OBJECTIVE_PREFIX, SWEEPS
+from dynn_jax.reproduce import OBJECTIVE_PREFIX, SWEEPS, SweepKey
 from dynn_jax.training import TrainConfig
 
 
@@ -108,10 +108,12 @@ def paper_comparison(points: list[dict], paper: dict, metric: str, scale: float)
 
 def compared(point: dict, *names: str) -> EvalResult:
   """The results in which to compare `names` at a sweep point: the yardstick's (every
-  method beside the oracle on the oracle's slots) when the oracle is among them, else
-  the point's main results."""
-  if 'oracle' in names and 'yardstick' in point:
-    return point['yardstick']
+  method beside the oracle on the oracle's slots) when the oracle is among them and the
+  yardstick ran them all, else the point's main results (the GA, for one, runs on its
+  own slots only)."""
+  yard = point.get('yardstick')
+  if 'oracle' in names and yard is not None and all(n in yard for n in names):
+    return yard
   return point['results']
 
 
@@ -203,14 +205,14 @@ def tally(sweeps: dict, case: int, better: str, worse: str, metric: str) -> str 
   sweep of the case that ran both methods; None if none did."""
   total, lost = 0, []
   for key, points in sweeps.items():
-    if not key.startswith(f'case{case}_'):
+    if key.case != case:
       continue
     for p in points:
       r = compared(p, better, worse)
       if better in r and worse in r:
         total += 1
         if r[better][metric]['mean'] > r[worse][metric]['mean']:
-          lost.append(f'{key.split("_", 1)[1]}={p["value"]:g}')
+          lost.append(f'{key.sweep}={p["value"]:g}')
   if not total:
     return None
   where = f' (not at {", ".join(lost)})' if lost else ''
@@ -232,7 +234,7 @@ def conclusions(sweeps: dict, nets: dict) -> list[str]:
       line = tally(sweeps, case, better, worse, metric)
       if line:
         lines.append(f'- Case {case}: {line}.')
-    point = (default_point(sweeps.get(f'case{case}_data', []), nets[case].mec.s_avg)
+    point = (default_point(sweeps.get(SweepKey(case, 'data'), []), nets[case].mec.s_avg)
              if case in nets else None)
     if point is not None:
       gaps = objective_gaps(compared(point, 'oracle'))
@@ -301,6 +303,10 @@ def fixed_part_effect(points: list[dict] | None, extra_s: float, measured: bool)
           *rows, '', f'Paper: {paper.INFERENCE_SHARE}.', '']
 
 
+def _points_seconds(sweeps: dict) -> float:
+  return sum(p.get('seconds', 0.0) for points in sweeps.values() for p in points)
+
+
 def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
            seconds: float, nets: dict, settings: dict) -> str:
   """The markdown reproduction report; `settings` holds the slots per point ('slots',
@@ -309,8 +315,10 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
          f'Inference delay: **{mode}**. Slots per point: {settings["slots"]} (GA: {settings["ga_slots"]}; '
          f'oracle and lower bound: {settings["oracle_slots"]}, on which every method runs again so '
          'that each gap to them is taken on the same slots). '
-         f'This run: {seconds:.0f} s (points written by earlier runs are read back, not '
-         'recomputed). Values are means ± 95% confidence half-widths. '
+         f'Computing the sweep points took {_points_seconds(sweeps):.0f} s of wall time '
+         '(compiles included, summed over the runs that computed them); this run took '
+         f'{seconds:.0f} s (points written by earlier runs are read back, not recomputed). '
+         'Values are means ± 95% confidence half-widths. '
          f'Methods named `{OBJ}*` are the networks trained with `--loss=objective`; the '
          'others are trained with the paper\'s losses. `kkt_weighted` is the exact minimiser '
          'of the paper\'s weighted delay, `oracle` the best solution found of the objective '
@@ -319,16 +327,15 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
   if found:
     out += ['## Conclusions, computed from the points below', '', *found, '']
   for case in (1, 2):
-    point = (default_point(sweeps.get(f'case{case}_data', []), nets[case].mec.s_avg)
+    point = (default_point(sweeps.get(SweepKey(case, 'data'), []), nets[case].mec.s_avg)
              if case in nets else None)
     if point is not None:
       out += [f'## Case {case} at the default point: both pipelines beside the oracle', '',
               headline_table(compared(point, 'oracle')), '']
   for key, points in sweeps.items():
-    case = int(key[4])
-    sweep = key.split('_', 1)[1]
+    case, sweep = key
     _, _, label, value_scale = SWEEPS[sweep]
-    out += [f'## Case {case}: {label}', '', f'![{key}]({key}.png)', '',
+    out += [f'## Case {case}: {label}', '', f'![{key.name}]({key.name}.png)', '',
             '### Mean service delay (ms)', '', sweep_table(points, 'mean_delay', 1e3, value_scale),
             '', '### Deadline-miss ratio (%)', '',
             sweep_table(points, 'miss_ratio', 100.0, value_scale), '',
@@ -336,12 +343,12 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
     if 'oracle' in points[0]['results']:
       out += ['### Gap to the oracle on the objective (%)', '',
               objective_gap_table(points, value_scale), '']
-    if key in paper.MEAN_DELAY_MS:
+    if key.name in paper.MEAN_DELAY_MS:
       out += ['### Against the paper: mean delay (ms)', '',
-              paper_comparison(points, paper.MEAN_DELAY_MS[key], 'mean_delay', 1e3), '']
-    if key in paper.MISS_PERCENT:
+              paper_comparison(points, paper.MEAN_DELAY_MS[key.name], 'mean_delay', 1e3), '']
+    if key.name in paper.MISS_PERCENT:
       out += ['### Against the paper: miss ratio (%)', '',
-              paper_comparison(points, paper.MISS_PERCENT[key], 'miss_ratio', 100.0), '']
+              paper_comparison(points, paper.MISS_PERCENT[key.name], 'miss_ratio', 100.0), '']
     if sweep == 'data_large':
       out += ['### Inference share of the total delay (Fig. 11)', '',
               sweep_table(points, 'inference_share', 1.0, value_scale), '',
@@ -350,7 +357,7 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
               sweep_table(points, 'ops', 1e-6, value_scale), '']
     out += ['### Ordering', '', ordering_checks(points, DELAY_PAIRS[case], 'mean_delay'),
             ordering_checks(points, OBJECTIVE_PAIRS[case], 'objective'), '']
-  out += table_one(nets, sweeps.get('case1_data_large'), mode == 'measured')
+  out += table_one(nets, sweeps.get(SweepKey(1, 'data_large')), mode == 'measured')
   if model_size:
     out += ['## Model size (Fig. 4)', '', '![model size](model_size.png)', '',
             f'Unit: {model_size["unit"]}; the paper\'s unit is not stated, so compare shapes:'

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,8 @@ RESULT_SCHEMA = {'methods': DictOf(DictOf(_STAT, min_len=1), min_len=1), 'slots'
                  'mode': OneOf(('modelled', 'measured')), 'devices': Integer(1),
                  'bound': Optional(_STAT), 'slots_of': DictOf(Integer(1))}
 POINT_SCHEMA = {'sweep': OneOf(tuple(SWEEPS)), 'value': float, 'settings': dict,
-                'results': RESULT_SCHEMA, 'yardstick': Optional(RESULT_SCHEMA)}
+                'results': RESULT_SCHEMA, 'yardstick': Optional(RESULT_SCHEMA),
+                'seconds': Optional(Number(0.0))}
 
 
 def point_path(results_dir: str, name: str) -> str:
@@ -73,6 +75,16 @@ def cached(results_dir: str, name: str, compute, settings: dict,
 
 MODEL_SIZE_SCHEMA = {'without_inference': [[float]], 'with_inference': [[float]],
                      'slots': Integer(1), 'unit': str, 'settings': dict}
+
+
+class SweepKey(NamedTuple):
+  """Which sweep of which case; `name` ('case1_data') names its files."""
+  case: int
+  sweep: str
+
+  @property
+  def name(self) -> str:
+    return f'case{self.case}_{self.sweep}'
 
 
 def sweep_field(sweep: str) -> str:
@@ -211,23 +223,28 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
                   'objective_networks': obj.fingerprint if obj else None,
                   'delay': delay_fingerprint(delay)}
       values = sweep_values(sweep, points_per_sweep)
-      names = {value: f'case{case}_{sweep}_{value:g}' for value in values}
+      key = SweepKey(case, sweep)
+      names = {value: f'{key.name}_{value:g}' for value in values}
       fresh = {}
 
       def compute_missing():
         missing = [v for v in values if not _written(results_dir, names[v], settings)]
+        start = time.perf_counter()
         points = sweep_points(nets[case], sweep, missing, methods, slots=slots,
                               oracle_slots=settings['oracle_slots'],
                               ga_slots=settings['ga_slots'], seed=seed, delay=delay,
                               objective=obj, objective_methods=obj_methods)
-        fresh.update(zip(missing, points))
+        # Each point's share of its sweep's wall time, compiles included: the report
+        # sums them, whichever run computed the points.
+        share = (time.perf_counter() - start) / len(missing)
+        fresh.update((v, p | {'seconds': share}) for v, p in zip(missing, points))
 
       def point(value):
         if not fresh and not _written(results_dir, names[value], settings):
           compute_missing()
         return fresh[value]
 
-      out[f'case{case}_{sweep}'] = [
+      out[key] = [
           point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(point(v)),
                                  settings)) for v in values]
   return out

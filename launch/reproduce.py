@@ -129,10 +129,9 @@ def main(argv):
   if not distributed.is_main_process():
     return
   for key, points in sweeps.items():
-    write_csv(os.path.join(results_dir, f'{key}.csv'), points)
-    sweep = key.split('_', 1)[1]
-    plots.sweep(points, reproduce.SWEEPS[sweep], os.path.join(results_dir, f'{key}.png'),
-                title=key)
+    write_csv(os.path.join(results_dir, f'{key.name}.csv'), points)
+    plots.sweep(points, reproduce.SWEEPS[key.sweep],
+                os.path.join(results_dir, f'{key.name}.png'), title=key.name)
   model_size = None
   if FLAGS.model_size_slots and 1 in nets:
     model_size = reproduce.cached(
@@ -144,7 +143,7 @@ def main(argv):
   seconds = time.perf_counter() - start
   mode = 'modelled' if delay is None else 'measured'
   write_json_atomic(os.path.join(results_dir, 'results.json'),
-                    {'sweeps': {key: [reproduce.point_to_json(p) for p in points]
+                    {'sweeps': {key.name: [reproduce.point_to_json(p) for p in points]
                                 for key, points in sweeps.items()},
                      'model_size': model_size, 'cost_study': cost,
                      'mode': mode, 'seconds': seconds})

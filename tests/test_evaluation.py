@@ -31,12 +31,15 @@ def random_networks(mec=MEC2, model=MODEL) -> Params:
                   for i, m in enumerate((MoEAllocator, StaticAllocator, Policy, Scheduler))))
 
 
+# A network method (exit-sorted dispatch), the KKT solver and both offloading rules: the
+# GA and the static network add compile time, not paths the sharding could break.
+SHARDED_METHODS = ('pmrl', 'kkt_weighted', 'random', 'local')
 SHARDED_SCRIPT = """
 import json, jax
 import test_evaluation as t
 from dynn_jax.evaluation import Setting, evaluate
-r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), ('pmrl', 'static', 'kkt_weighted', 'random',
-             'local', 'ga'), t.random_networks(), slots=256, chunk=128)
+r = evaluate(Setting(t.MEC2, t.MODEL, t.MEC2), t.SHARDED_METHODS, t.random_networks(),
+             slots=256, chunk=128)
 print(json.dumps({'devices': jax.device_count(), 'results': r.to_dict()}))
 """
 
@@ -49,11 +52,10 @@ def test_sharded_over_8_devices_equals_one_device():
   assert out.returncode == 0, out.stderr[-3000:]
   sharded = json.loads(out.stdout.strip().splitlines()[-1])
   assert sharded['devices'] == 8 and sharded['results']['devices'] == 8
-  single = evaluate(Setting(MEC2, MODEL, MEC2), ('pmrl', 'static', 'kkt_weighted', 'random',
-                                                 'local', 'ga'),
-                    random_networks(), slots=256, chunk=128)
+  single = evaluate(Setting(MEC2, MODEL, MEC2), SHARDED_METHODS, random_networks(),
+                    slots=256, chunk=128)
   assert single.devices == 1
-  for method in ('pmrl', 'static', 'kkt_weighted', 'random', 'local', 'ga'):
+  for method in SHARDED_METHODS:
     for metric, value in single[method].items():
       np.testing.assert_allclose(sharded['results']['methods'][method][metric]['mean'],
                                  value['mean'],

@@ -123,7 +123,9 @@ def test_evaluate_refuses_bad_networks_and_methods(tmp_path, tiny_networks):
            ([f'--networks={tiny_networks}', '--case=1'], 'trained for case 2'),
            ([f'--networks={tiny_networks}', '--n_users=50'], 'accept at most 6'),
            ([f'--networks={tiny_networks}', '--loss=objective'], 'trained with --loss=paper'),
-           ([f'--networks={tiny_networks}', '--methods=optimal'], 'optimal')]
+           ([f'--networks={tiny_networks}', '--methods=optimal'], 'optimal'),
+           ([f'--networks={tiny_networks}', '--out='], '--out is empty'),
+           ([f'--networks={tiny_networks}', f'--out={tmp_path}'], 'is a folder')]
   for args, message in cases:
     result = run('evaluate.py', '--slots=64', *args, timeout=120)
     assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-1500:])
@@ -138,6 +140,12 @@ def test_reproduce_refuses_a_cost_study_it_cannot_report(tmp_path):
   assert 'results[0].schedule' in result.stderr and 'older' in result.stderr, \
       result.stderr[-1500:]
   assert not (tmp_path / 'out').exists()
+  blocked = tmp_path / 'a_file'
+  blocked.write_text('')
+  result = run('reproduce.py', '--flagfile=launch/flags/reproduce.flags', '--dry_run',
+               f'--results_dir={blocked}', timeout=120)
+  assert result.returncode != 0 and 'is a file, not a folder' in result.stderr, \
+      result.stderr[-1500:]
 
 
 @pytest.mark.parametrize('args,message', [

@@ -48,7 +48,7 @@ import numpy as np
 from flax import serialization
 
 from dynn_jax import evaluation
-from dynn_jax.benchmark.host import host_load, runtime_info
+from dynn_jax.benchmark.host import host_load, load_line, runtime_info, target_lines
 from dynn_jax.benchmark.timing import Entry, compile_ahead, time_interleaved, timed
 from dynn_jax.config import MECConfig
 from dynn_jax.models import ModelConfig
@@ -341,12 +341,8 @@ def format_evaluation(results: dict) -> str:
         f'{first["layers"]}, slots x {results["width"]} rows), GFLOP/s: {per_size}\n'
         f'dense (best, {flops["dense_best_slots"]} slots) / achieved: '
         f'{"n/a" if ratio is None else f"{ratio:.2f}"}')
-  for name, t in results['targets'].items():
-    lines.append(f'{name:34s} {t["value"]:10.4g}  target {t["target"]:10s} '
-                 f'{"met" if t["met"] else "MISSED"}')
-  start, end = results['load_start'], results['load_end']
-  lines.append(f'load average (1 min) {start["load_1m"]:.2f} -> {end["load_1m"]:.2f} on '
-               f'{start["cpu_count"]} cores')
+  lines += target_lines(results['targets'])
+  lines.append(load_line(results['load_start'], results['load_end']))
   return '\n'.join(lines)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from dynn_jax import latency, ops
 from dynn_jax.benchmark.bucketed import bucketed_apply, group_by_exit
-from dynn_jax.benchmark.host import host_load, runtime_info
+from dynn_jax.benchmark.host import host_load, load_line, runtime_info, target_lines
 from dynn_jax.benchmark.timing import (compile_ahead, format_table, time_calls,
                                        time_interleaved, timed)
 from dynn_jax.benchmark.variables import network_variables
@@ -357,10 +357,8 @@ def format_block_sweep(results: dict) -> str:
                    f'{r["p10_s"] * 1e6:9.2f} {r["p90_s"] * 1e6:9.2f} {r["calls"]:6d} '
                    f'{r["compile_s"]:9.2f} {r.get("padded_slots", ""):>7} '
                    f'{"" if diff is None else f"{diff:.1e}":>8s}')
-  start, end = results['load_start'], results['load_end']
-  lines.append(f'{results["batch"]} slots per call, W = {results["width"]}; load average '
-               f'(1 min) {start["load_1m"]:.2f} -> {end["load_1m"]:.2f} on '
-               f'{start["cpu_count"]} cores')
+  lines.append(f'{results["batch"]} slots per call, W = {results["width"]}; '
+               + load_line(results['load_start'], results['load_end']))
   return '\n'.join(lines)
 
 
@@ -437,7 +435,7 @@ def format_exits(results: dict) -> str:
   lines.append('')
   others = {name: results[name] for name in (
       'dispatch_floor', 'dispatch_floor_features', 'static',
-      'scheduler', 'policy', 'optimal_allocation', 'equal_split', 'ga', 'batched_masked',
+      'scheduler', 'policy', 'optimal_allocation', 'equal_split', 'ga', 'oracle', 'batched_masked',
       'batched_bucketed', 'batched_sorted') if name in results}
   lines.append(format_table(others))
   for name, label in (('batched_bucketed', 'exit-bucketed'), ('batched_sorted', 'exit-sorted')):
@@ -457,11 +455,7 @@ def format_exits(results: dict) -> str:
   lines.append(f'     latency = {fk["overhead_s"] * 1e6:.2f} us + '
                f'{fk["seconds_per_expert"] * 1e6:.2f} us x k + '
                f'{fk["seconds_per_op"] * 1e12:.2f} ps/op x ops   (R^2 {r2})')
-  for name, t in results['targets'].items():
-    lines.append(f'{name:34s} {t["value"]:8.2f}  target {t["target"]:8s} '
-                 f'{"met" if t["met"] else "MISSED"}')
-  start, end = results['load_start'], results['load_end']
-  lines.append(f'load average (1 min) {start["load_1m"]:.2f} -> {end["load_1m"]:.2f} on '
-               f'{start["cpu_count"]} cores; cpu async dispatch '
-               f'{results["runtime"]["cpu_async_dispatch"]}')
+  lines += target_lines(results['targets'])
+  lines.append(load_line(results['load_start'], results['load_end'])
+               + f'; cpu async dispatch {results["runtime"]["cpu_async_dispatch"]}')
   return '\n'.join(lines)

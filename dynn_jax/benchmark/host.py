@@ -31,3 +31,15 @@ def host_load() -> dict:
   """Load averages: latencies on a shared machine are only comparable at a known load."""
   one, five, fifteen = os.getloadavg()
   return {'load_1m': one, 'load_5m': five, 'load_15m': fifteen, 'cpu_count': os.cpu_count()}
+
+
+def load_line(start: dict, end: dict) -> str:
+  """The load a suite ran under, from `host_load()` at its start and end."""
+  return (f'load average (1 min) {start["load_1m"]:.2f} -> {end["load_1m"]:.2f} on '
+          f'{start["cpu_count"]} cores')
+
+
+def target_lines(targets: dict) -> list[str]:
+  """One line per recorded target: value, target, met or missed (never asserted)."""
+  return [f'{name:34s} {t["value"]:10.4g}  target {t["target"]:10s} '
+          f'{"met" if t["met"] else "MISSED"}' for name, t in targets.items()]
