@@ -35,7 +35,7 @@ from dynn_jax import ops
 from dynn_jax.config import EnvParams, MECConfig, point_params, sweep_params
 from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
 from dynn_jax.models import (ModelConfig, Policy, Scheduler, StaticAllocator, allocate,
-                             exit_sorted_apply, option_to_kl)
+                             blocked, exit_sorted_apply, moe_forward, option_to_kl)
 from dynn_jax.networks import Params
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
                               joint_objective_bound, objective_bound, optimal_allocation,
@@ -128,8 +128,12 @@ def _moe_method(fix: str, use_policy: bool):
     else:
       k = jnp.full(batch, model.num_experts, jnp.int32)
       l = jnp.full(batch, model.max_depth, jnp.int32)
-    # Each slot runs only the exit it picked (the masked path would run all of them).
-    out = exit_sorted_apply(model, {'params': params.allocator}, feats, x, k, l)
+    variables = {'params': params.allocator}
+    if use_policy:  # each slot runs only the exit it picked, not all of them masked
+      out = exit_sorted_apply(model, variables, feats, x, k, l)
+    else:  # every slot runs the full network: the masked path, block by block
+      out = blocked(lambda f, m: moe_forward(model, variables, f, m, model.num_experts,
+                                             model.max_depth))(feats, x)
     edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=use_policy)
     return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
   return run
@@ -138,7 +142,8 @@ def _moe_method(fix: str, use_policy: bool):
 def _static(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   feats = normalized_features(slots, setting.feature_config)
   x = _scheduler_x(setting, params, feats, slots)
-  out = StaticAllocator(setting.model).apply({'params': params.static}, feats, x)
+  static = StaticAllocator(setting.model)
+  out = blocked(lambda f, m: static.apply({'params': params.static}, f, m))(feats, x)
   edge, loc, n_ops = _pipeline_delays(setting, None, None, x, slots, policy=False,
                                       static=True)
   return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)

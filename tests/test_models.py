@@ -11,7 +11,7 @@ import pytest
 from dynn_jax import ConfigError, MECConfig, ops
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
-                             all_subnetworks, allocate, choose_kl, exit_sorted_apply,
+                             all_subnetworks, allocate, blocked, choose_kl, exit_sorted_apply,
                              exit_sorted_trace_count, kl_to_option, moe_forward,
                              option_to_kl, per_slot_apply, per_slot_forward,
                              per_slot_trace_count, switch_apply, switch_trace_count)
@@ -469,3 +469,19 @@ def test_exit_sorted_path_poisons_traced_bad_exits_and_refuses_bad_arguments(moe
     exit_sorted_apply(SMALL, moe_vars, features, offload, k, jnp.ones(12, int))
   with pytest.raises(ValueError, match=r'\[B, W'):
     exit_sorted_apply(SMALL, moe_vars, features[0], offload[0], 1, 1)
+
+
+def test_blocked_full_width_paths_equal_the_whole_batch(moe_vars):
+  features, offload = _mixed_batch(37, 60)  # 37 slots in blocks of 16: a padded last block
+  K, L = SMALL.num_experts, SMALL.max_depth
+  whole = moe_forward(SMALL, moe_vars, features, offload, K, L)
+  run = jax.jit(blocked(lambda f, m: moe_forward(SMALL, moe_vars, f, m, K, L), block=16))
+  _close(run(features, offload), whole)
+  static = StaticAllocator(SMALL)
+  variables = static.init(jax.random.PRNGKey(3), features, offload)
+  got = blocked(lambda f, m: static.apply(variables, f, m), block=16)(features, offload)
+  want = static.apply(variables, features, offload)
+  for name in ('b_logits', 'f_logits', 'b_share', 'f_share'):  # no gate in the static net
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match='block'):
+    blocked(lambda f: f, block=0)
