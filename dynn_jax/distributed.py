@@ -29,7 +29,6 @@ GPUs use NCCL, which needs no setting.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,8 @@ import tempfile
 import jax
 import numpy as np
 from absl import app, flags
+
+from dynn_jax.io import tree_digest
 
 FLAGS = flags.FLAGS
 
@@ -158,16 +159,7 @@ def is_main_process() -> bool:
 
 
 def _digest(value) -> np.ndarray:
-  leaves, treedef = jax.tree.flatten(value)
-  digest = hashlib.sha256(repr(treedef).encode())
-  for leaf in leaves:
-    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-      leaf = np.asarray(leaf)
-      digest.update(repr((leaf.dtype.str, leaf.shape)).encode())
-      digest.update(np.ascontiguousarray(leaf).tobytes())
-    else:
-      digest.update(repr(leaf).encode())
-  return np.frombuffer(digest.digest(), np.uint8)
+  return np.frombuffer(bytes.fromhex(tree_digest(value)), np.uint8)
 
 
 def check_same(what: str, value) -> None:

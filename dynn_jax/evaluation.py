@@ -22,8 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import sys
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,11 +30,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dynn_jax import ops
-from dynn_jax.config import EnvParams, MECConfig, point_params, sweep_params
+from dynn_jax.config import POSITIVE_INT, EnvParams, MECConfig, point_params, sweep_params
 from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
+from dynn_jax.batching import blocked
 from dynn_jax.models import (ModelConfig, Policy, Scheduler, StaticAllocator, allocate,
-                             blocked, exit_sorted_apply, moe_forward, option_to_kl)
+                             exit_sorted_apply, moe_forward, option_to_kl)
 from dynn_jax.networks import Params
+from dynn_jax.runs import Progress
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
                               joint_objective_bound, objective_bound, optimal_allocation,
                               oracle, random_offload)
@@ -371,35 +371,12 @@ def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Par
 _chunk_sums = jax.jit(chunk_sums, static_argnames=('setting', 'names', 'chunk', 'mesh'))
 
 
-class Progress:
-  """Slots done, slots/s and ETA of an evaluation, printed at most every `every_s`."""
-
-  def __init__(self, total: int, label: str = 'eval', every_s: float = 10.0,
-               stream=None):
-    self.total, self.label, self.every_s = total, label, every_s
-    self.stream = sys.stdout if stream is None else stream
-    self.done, self.t0 = 0, time.perf_counter()
-    self.last = self.t0
-
-  def add(self, slots: int) -> None:
-    self.done += slots
-    now = time.perf_counter()
-    if now - self.last < self.every_s and self.done < self.total:
-      return
-    self.last = now
-    rate = self.done / max(now - self.t0, 1e-9)
-    eta = (self.total - self.done) / rate
-    print(f'[{self.label}] {self.done}/{self.total} slots, {rate:.3g} slots/s, '
-          f'ETA {eta:.0f}s', file=self.stream, flush=True)
-
-
 def _chunks(slots: int, chunk: int, devices: int) -> tuple[int, int]:
   """(number of chunks, slots per chunk): `chunk` (no more than `slots`) rounded up
   to a multiple of the device count; the last chunk may be only partly counted."""
-  if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-    raise ValueError(f'slots = {slots!r}; must be a positive integer')
-  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-    raise ValueError(f'chunk = {chunk!r}; must be a positive integer')
+  for name, value in (('slots', slots), ('chunk', chunk)):
+    if not POSITIVE_INT.admits(value):
+      raise ValueError(f'{name} = {value!r}; must be {POSITIVE_INT}')
   chunk = devices * math.ceil(min(chunk, slots) / devices)
   return math.ceil(slots / chunk), chunk
 
@@ -455,7 +432,8 @@ def evaluate_sweep(setting: Setting, names, params: Params, field: str, values, 
   field's effect, not sampling noise. A field that fixes shapes is refused."""
   envs = sweep_params(setting.mec, field, values)
   values = list(values)
-  tracker = Progress(slots * len(values), f'sweep {field}') if progress else None
+  tracker = (Progress(f'sweep {field}', slots * len(values), every_s=10.0, unit='slot')
+             if progress else None)
   return [evaluate(setting, names, params, slots=slots, chunk=chunk, seed=seed, mesh=mesh,
                    env=point_params(envs, i), progress=tracker)
           for i in range(len(values))]

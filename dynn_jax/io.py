@@ -23,7 +23,9 @@ import os
 import tempfile
 from typing import Any, Callable
 
+import jax
 import msgpack
+import numpy as np
 
 CHECKSUM_KEY = 'sha256'
 # msgpack of a map of two entries whose first key is "sha256": how a sealed file starts.
@@ -366,3 +368,19 @@ def _check(value, schema, where: str, path: str) -> None:
       _check(v, schema.value, where, _key_path(path, key))
   else:
     raise TypeError(f'not a schema: {schema!r}')
+
+
+def tree_digest(value: Any) -> str:
+  """sha256 (hex) of a pytree: its structure, every array's dtype, shape and bytes, and
+  the repr of every other leaf (numbers, strings, frozen configs). Two values with the
+  same digest give the same numbers: what a cache key or a cross-process check needs."""
+  leaves, treedef = jax.tree.flatten(value)
+  digest = hashlib.sha256(repr(treedef).encode())
+  for leaf in leaves:
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+      leaf = np.asarray(leaf)
+      digest.update(repr((leaf.dtype.str, leaf.shape)).encode())
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+    else:
+      digest.update(repr(leaf).encode())
+  return digest.hexdigest()

@@ -593,36 +593,6 @@ def _exit_sorted_jit(config: ModelConfig, block: int):
   return jax.jit(run)
 
 
-# Slots per block of a full-width network in a large evaluation. Measured with the
-# shipped case-1 networks on 8192 slots (W = 45, 2-core CPU): fix_moe through
-# `moe_forward` ran 3.0e3 slots/s on the whole batch, 1.19e4 / 1.10e4 / 1.07e4 in blocks
-# of 64 / 128 / 256 (the exit-sorted path with all slots on the full exit: 8.1e3); the
-# static baseline 4.7e3 on the whole batch, 6.1e3 / 7.0e3 / 6.3e3 in blocks of 16 / 64 /
-# 256. A block's activations stay in cache, and memory no longer grows with the batch.
-FULL_WIDTH_BLOCK = 64
-
-
-def blocked(fn, block: int = FULL_WIDTH_BLOCK):
-  """`fn(*arrays)` over the leading (slot) axis in blocks of `block` slots, one block
-  after another (`lax.map`): the same outputs as `fn` on the whole batch, for networks
-  that run the same computation on every slot (fix_moe, static). The batch is padded
-  to whole blocks with copies of its last slot, dropped from the outputs."""
-  if not (_is_int(block) and block >= 1):
-    raise ValueError(f'block = {block!r}; must be a positive integer (slots per block)')
-
-  def run(*arrays):
-    size = arrays[0].shape[0]
-    if size == 0:
-      return fn(*arrays)
-    pad = -size % block
-    padded = [jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]) if pad else a for a in arrays]
-    blocks = tuple(a.reshape((-1, block) + a.shape[1:]) for a in padded)
-    out = jax.lax.map(lambda xs: fn(*xs), blocks)
-    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:size], out)
-
-  return run
-
-
 def allocate(out: Allocation, offload_mask: Array, mec_config: MECConfig) -> Decision:
   """Shares -> `Decision`: b = b_share * b_max, f = f_share * f_ser, x = offload_mask."""
   return Decision(x=offload_mask, b=out.b_share * mec_config.b_max,

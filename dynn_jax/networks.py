@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import serialization
 
 from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots
-from dynn_jax.io import seal, unseal, write_bytes_atomic
+from dynn_jax.io import seal, tree_digest, unseal, write_bytes_atomic
 from dynn_jax.models import ModelConfig
 
 NETWORKS_FORMAT = 1
@@ -61,10 +59,7 @@ class Networks:
   def fingerprint(self) -> str:
     """A digest of the parameters and configs: results cached for other networks are
     never read back as these networks' (see `dynn_jax.reproduce`)."""
-    digest = hashlib.sha256(repr((self.mec, self.model, self.loss)).encode())
-    for leaf in jax.tree.leaves(self.params):
-      digest.update(np.asarray(leaf).tobytes())
-    return digest.hexdigest()[:16]
+    return tree_digest((self.mec, self.model, self.loss, self.params))[:16]
 
   @classmethod
   def load(cls, path: str, expect_mec: MECConfig | None = None,

@@ -124,9 +124,8 @@ def ordering_checks(points: list[dict], pairs: list[tuple[str, str]], metric: st
     first = compared(points[0], better, worse)
     if better not in first or worse not in first:
       continue
-    lost = [p['value'] for p in points
-            if compared(p, better, worse)[better][metric]['mean']
-            > compared(p, better, worse)[worse][metric]['mean']]
+    lost = [p['value'] for p, r in ((p, compared(p, better, worse)) for p in points)
+            if r[better][metric]['mean'] > r[worse][metric]['mean']]
     where = f' (not at {", ".join(f"{v:g}" for v in lost)})' if lost else ''
     lines.append(f'- {better} ≤ {worse} on {metric}: {len(points) - len(lost)} of '
                  f'{len(points)} points{where}')

@@ -6,7 +6,6 @@ interrupted reproduction continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Any, NamedTuple
@@ -19,7 +18,7 @@ from dynn_jax import ops
 from dynn_jax.env import importance_weight, normalized_features, sample_slots
 from dynn_jax.evaluation import EvalResult, Setting, evaluate_sweep
 from dynn_jax.io import (DictOf, Integer, Number, OneOf, Optional, cached_json, check_schema,
-                         read_json)
+                         read_json, tree_digest)
 from dynn_jax.models import all_subnetworks
 from dynn_jax.networks import Networks
 from dynn_jax.quality import weighted_delays
@@ -268,4 +267,4 @@ def delay_fingerprint(delay) -> str | None:
   """A digest of a measured latency table (None: modelled delays)."""
   if delay is None:
     return None
-  return hashlib.sha256(repr(delay).encode()).hexdigest()[:16]
+  return tree_digest(delay)[:16]

@@ -329,13 +329,20 @@ class RunDir:
 
 
 class Progress:
-  """Prints step, loss, steps per second and ETA at most every `every_s` seconds."""
+  """Prints progress (training steps, evaluated slots: `unit`), metrics, rate and ETA
+  at most every `every_s` seconds."""
 
   def __init__(self, label: str, total_steps: int, start_step: int = 0,
-               every_s: float = 5.0, stream=sys.stdout):
+               every_s: float = 5.0, stream=sys.stdout, unit: str = 'step'):
     self.label, self.total, self.start_step = label, total_steps, start_step
-    self.every_s, self.stream = every_s, stream
+    self.every_s, self.stream, self.unit = every_s, stream, unit
     self.t0 = self.last = time.perf_counter()
+    self.done = start_step
+
+  def add(self, count: int) -> None:
+    """`count` more units done."""
+    self.done += count
+    self.update(self.done)
 
   def update(self, step: int, force: bool = False, **metrics: float) -> None:
     now = time.perf_counter()
@@ -345,5 +352,5 @@ class Progress:
     rate = (step - self.start_step) / max(now - self.t0, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else float('inf')
     shown = ' '.join(f'{k}={v:.5g}' for k, v in metrics.items())
-    print(f'[{self.label}] step {step}/{self.total} {shown} {rate:.1f} steps/s '
+    print(f'[{self.label}] {self.unit} {step}/{self.total} {shown} {rate:.1f} {self.unit}s/s '
           f'ETA {eta:.0f}s', file=self.stream, flush=True)

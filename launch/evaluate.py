@@ -17,6 +17,7 @@ from dynn_jax import cli, distributed, evaluation, latency
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
 from dynn_jax.reports import methods_table
+from dynn_jax.runs import Progress
 from dynn_jax.networks import LOSSES, load_networks, trained_loss
 
 flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory holding it.')
@@ -95,7 +96,8 @@ def main(argv):
       FLAGS.n_active, repr(delay), params))
   results = evaluation.evaluate(setting, names, params, slots=FLAGS.slots, chunk=FLAGS.chunk,
                                 seed=FLAGS.seed, n_users=FLAGS.n_active,
-                                progress=evaluation.Progress(FLAGS.slots))
+                                progress=Progress('eval', FLAGS.slots, every_s=10.0,
+                                                  unit='slot'))
   if not distributed.is_main_process():
     return
   print(f'case {mec.case}, networks {FLAGS.networks} (trained with loss={loss}), '

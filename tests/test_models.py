@@ -10,8 +10,9 @@ import pytest
 
 from dynn_jax import ConfigError, MECConfig, ops
 from dynn_jax.env import normalized_features, sample_slots
+from dynn_jax.batching import blocked
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
-                             all_subnetworks, allocate, blocked, choose_kl, exit_sorted_apply,
+                             all_subnetworks, allocate, choose_kl, exit_sorted_apply,
                              exit_sorted_trace_count, kl_to_option, moe_forward,
                              option_to_kl, per_slot_apply, per_slot_forward,
                              per_slot_trace_count, switch_apply, switch_trace_count)

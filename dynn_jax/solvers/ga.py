@@ -38,6 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dynn_jax.batching import blocked
 from dynn_jax.config import POSITIVE_INT, Config, ConfigBase, Range, check_ranges, jit_config
 from dynn_jax.env import Decision, Slots, slot_costs
 from dynn_jax.solvers.offloading import inference_delays
@@ -202,16 +203,7 @@ def _ga_solve(key: Array, slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
   keys = jax.random.split(key, n)
   flat = (keys, jax.tree.map(lambda a: a.reshape((n, width)), slots),
           t_edge.reshape(n), t_loc.reshape(n))
-  # Pad to whole chunks with copies of the last slot (one compiled body, unlike a
-  # remainder call), then drop the copies.
-  chunk = min(ga_config.slot_chunk, n)
-  n_chunks = -(-n // chunk)
-  pad = n_chunks * chunk - n
-  def to_chunks(a):
-    a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]) if pad else a
-    return a.reshape((n_chunks, chunk) + a.shape[1:])
-  out = jax.lax.map(lambda a: jax.vmap(run)(*a), jax.tree.map(to_chunks, flat))
-  decision, history = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], out)
+  decision, history = blocked(jax.vmap(run), min(ga_config.slot_chunk, n))(*flat)
   decision = jax.tree.map(lambda a: a.reshape(batch + (width,)), decision)
   return decision, history.reshape(batch + (ga_config.generations,))
 
