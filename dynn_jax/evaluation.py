@@ -329,6 +329,28 @@ def batch_mesh() -> Mesh:
 
 _TRACES = collections.Counter()
 
+# Slots are sampled at the padded width W, but a system of N < W users leaves the last
+# W - N positions masked out, and every method's cost grows with the positions it sees.
+# So the methods run on the first `rows` positions only: N rounded up to ROW_MULTIPLE
+# (systems whose N rounds alike share a compile), at most W. Masked positions add
+# nothing to any result, so the numbers are those of the full width (tested). The
+# methods below keep the full width: their random draws (GA, random offloading) or
+# their search (exhaustive) are shaped by it, and trimming would change their results.
+ROW_MULTIPLE = 8
+FULL_WIDTH_METHODS = ('ga', 'random', 'exhaustive')
+
+
+def active_rows(n_users: int, width: int) -> int:
+  """User positions the methods run on for systems of at most `n_users` users."""
+  return min(width, ROW_MULTIPLE * math.ceil(max(int(n_users), 1) / ROW_MULTIPLE))
+
+
+def first_rows(slots: Slots, rows: int) -> Slots:
+  """The first `rows` user positions of every per-user array."""
+  if rows >= slots.mask.shape[-1]:
+    return slots
+  return jax.tree.map(lambda a: a[..., :rows], slots)
+
 
 def chunk_trace_count() -> int:
   """How many times the evaluation chunk has been traced (compiles, in effect)."""
@@ -336,9 +358,12 @@ def chunk_trace_count() -> int:
 
 
 def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Params,
-               chunk: int, env: EnvParams, valid: Array, mesh: Mesh | None = None) -> dict:
+               chunk: int, env: EnvParams, valid: Array, mesh: Mesh | None = None,
+               rows: int | None = None) -> dict:
   """Sums and sums of squares of every metric over the first `valid` of `chunk` fresh
   slots, on the system `env` (traced: every value of a sweep runs this one program).
+  Methods not in FULL_WIDTH_METHODS see only the first `rows` user positions (default
+  all), which must cover every user of `env` (see `active_rows`).
 
   `setting.mec` gives only what fixes shapes (case, width); every number comes from
   `env`. With a mesh, the slots are split over its devices along the batch axis; the
@@ -359,16 +384,19 @@ def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Par
     return total, (weight * jnp.square(v - total / count)).sum()
 
   out = {}
+  trimmed = slots if rows is None else first_rows(slots, rows)
   if 'oracle' in names:  # the yardstick's yardstick: how far the oracle itself may be
-    out[BOUND] = {'objective': sums(lower_bound(setting, slots))}
+    out[BOUND] = {'objective': sums(lower_bound(setting, trimmed))}
   for i, name in enumerate(names):
-    outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), slots, params)
-    metrics = _slot_metrics(setting, outcome, slots)
+    seen = slots if name in FULL_WIDTH_METHODS else trimmed
+    outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), seen, params)
+    metrics = _slot_metrics(setting, outcome, seen)
     out[name] = {m: sums(v) for m, v in metrics.items()}
   return out
 
 
-_chunk_sums = jax.jit(chunk_sums, static_argnames=('setting', 'names', 'chunk', 'mesh'))
+_chunk_sums = jax.jit(chunk_sums,
+                      static_argnames=('setting', 'names', 'chunk', 'mesh', 'rows'))
 
 
 def _chunks(slots: int, chunk: int, devices: int) -> tuple[int, int]:
@@ -383,7 +411,8 @@ def _chunks(slots: int, chunk: int, devices: int) -> tuple[int, int]:
 
 def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int = 8192,
              seed: int = 0, n_users=None, mesh: Mesh | None = None,
-             env: EnvParams | None = None, progress: Progress | None = None) -> EvalResult:
+             env: EnvParams | None = None, progress: Progress | None = None,
+             rows: int | None = None) -> EvalResult:
   """Means and 95% confidence half-widths of every metric, for every method, over
   exactly `slots` slots.
 
@@ -391,6 +420,8 @@ def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int 
   does not grow with `slots`; every chunk is split over `mesh` (default: all devices).
   The system's numbers are traced (`env`, default `setting.mec.params()`, with
   `n_users` if given), so evaluations that differ only in them share one compile.
+  Methods run on the first `rows` user positions (default `active_rows` of the
+  system's users); a sweep passes the most users of any of its points.
   """
   names = tuple(names)
   check_methods(names, params, setting)
@@ -400,6 +431,11 @@ def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int 
   env = setting.mec.params() if env is None else env
   if n_users is not None:
     env = env.replace(n_users=jnp.asarray(n_users, jnp.int32))
+  most = int(np.max(np.asarray(env.n_users)))
+  rows = active_rows(most, setting.mec.width) if rows is None else rows
+  if not POSITIVE_INT.admits(rows) or not most <= rows <= setting.mec.width:
+    raise ValueError(f'rows = {rows!r}; must be an integer in [{most}, '
+                     f'{setting.mec.width}] (the users present to the padded width)')
   # Only what fixes shapes stays static, so every system of this case and width
   # shares the compiled chunk.
   static = dataclasses.replace(setting, mec=MECConfig(case=setting.mec.case, n_users=1,
@@ -409,7 +445,7 @@ def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int 
   for i in range(n_chunks):
     valid = min(chunk, slots - i * chunk)
     sums = jax.device_get(_chunk_sums(static, names, jax.random.fold_in(key, i), params,
-                                      chunk, env, valid, mesh))
+                                      chunk, env, valid, mesh, rows))
     part = jax.tree.map(lambda t: _Moments.of(valid, *t), sums,
                         is_leaf=lambda t: isinstance(t, tuple))
     totals = part if totals is None else jax.tree.map(
@@ -432,10 +468,11 @@ def evaluate_sweep(setting: Setting, names, params: Params, field: str, values, 
   field's effect, not sampling noise. A field that fixes shapes is refused."""
   envs = sweep_params(setting.mec, field, values)
   values = list(values)
+  rows = active_rows(int(np.max(np.asarray(envs.n_users))), setting.mec.width)
   tracker = (Progress(f'sweep {field}', slots * len(values), every_s=10.0, unit='slot')
              if progress else None)
   return [evaluate(setting, names, params, slots=slots, chunk=chunk, seed=seed, mesh=mesh,
-                   env=point_params(envs, i), progress=tracker)
+                   env=point_params(envs, i), progress=tracker, rows=rows)
           for i in range(len(values))]
 
 

@@ -107,13 +107,13 @@ def paper_comparison(points: list[dict], paper: dict, metric: str, scale: float)
 
 
 def compared(point: dict, *names: str) -> EvalResult:
-  """The results in which to compare `names` at a sweep point: the yardstick's (every
-  method beside the oracle on the oracle's slots) when the oracle is among them and the
-  yardstick ran them all, else the point's main results (the GA, for one, runs on its
-  own slots only)."""
-  yard = point.get('yardstick')
-  if 'oracle' in names and yard is not None and all(n in yard for n in names):
-    return yard
+  """The results in which to compare `names` at a sweep point: with the oracle among
+  them, the first yardstick that ran them all on the same slots (every method beside
+  the oracle on the oracle's slots; or the GA beside the oracle on the GA's), else the
+  point's main results."""
+  for yard in (point.get('yardstick'), point.get('ga_yardstick')):
+    if 'oracle' in names and yard is not None and all(n in yard for n in names):
+      return yard
   return point['results']
 
 
@@ -306,6 +306,22 @@ def _points_seconds(sweeps: dict) -> float:
   return sum(p.get('seconds', 0.0) for points in sweeps.values() for p in points)
 
 
+def points_network_ops(sweeps: dict) -> float:
+  """The networks' counted inference ops over every slot every point ran (each
+  method's mean ops per slot times its slots, in every result set of the point): the
+  work no implementation of these points can skip."""
+  total = 0.0
+  for points in sweeps.values():
+    for p in points:
+      for part in ('results', 'yardstick', 'ga_yardstick'):
+        r = p.get(part)
+        if r is None:
+          continue
+        total += sum(r[name]['ops']['mean'] * r.slots_of.get(name, r.slots)
+                     for name in r.names if 'ops' in r[name])
+  return total
+
+
 def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
            seconds: float, nets: dict, settings: dict) -> str:
   """The markdown reproduction report; `settings` holds the slots per point ('slots',
@@ -317,6 +333,9 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
          f'Computing the sweep points took {_points_seconds(sweeps):.0f} s of wall time '
          '(compiles included, summed over the runs that computed them); this run took '
          f'{seconds:.0f} s (points written by earlier runs are read back, not recomputed). '
+         f'The networks\' counted inference ops over every slot of these points: '
+         f'{points_network_ops(sweeps) / 1e12:.3g} T (SPEC section 2\'s count: 2 per '
+         'weight and user, the FLOPs of the matmuls). '
          'Values are means ± 95% confidence half-widths. '
          f'Methods named `{OBJ}*` are the networks trained with `--loss=objective`; the '
          'others are trained with the paper\'s losses. `kkt_weighted` is the exact minimiser '

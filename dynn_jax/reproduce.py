@@ -54,8 +54,12 @@ _STAT = {'mean': float, 'ci95': Number(0.0)}
 RESULT_SCHEMA = {'methods': DictOf(DictOf(_STAT, min_len=1), min_len=1), 'slots': Integer(1),
                  'mode': OneOf(('modelled', 'measured')), 'devices': Integer(1),
                  'bound': Optional(_STAT), 'slots_of': DictOf(Integer(1))}
+# Bumped when a point gains a part, so that points written before are recomputed
+# (2: the oracle beside the GA on the GA's slots, `ga_yardstick`).
+POINT_LAYOUT = 2
 POINT_SCHEMA = {'sweep': OneOf(tuple(SWEEPS)), 'value': float, 'settings': dict,
                 'results': RESULT_SCHEMA, 'yardstick': Optional(RESULT_SCHEMA),
+                'ga_yardstick': Optional(RESULT_SCHEMA),
                 'seconds': Optional(Number(0.0))}
 
 
@@ -101,7 +105,8 @@ def sweep_points(nets: Networks, sweep: str, values, methods, *, slots: int,
   The oracle costs about a millisecond per slot, so it runs on its own `oracle_slots`
   slots, where every other method runs again: the point's `yardstick` holds those
   results, and every gap to the oracle or the lower bound is taken there, method and
-  oracle on the same slots. The GA runs on `ga_slots` slots of its own.
+  oracle on the same slots. The GA runs on `ga_slots` slots of its own, the oracle again
+  beside it (the point's `ga_yardstick`), so the GA too is compared on its own slots.
   """
   field, values = sweep_field(sweep), list(values)
   setting = Setting(mec=nets.mec, model=nets.model, feature_config=nets.mec, delay=delay)
@@ -121,7 +126,7 @@ def sweep_points(nets: Networks, sweep: str, values, methods, *, slots: int,
   yard = run(setting, tuple(methods), nets.params, oracle_slots if has_oracle else 0)
   yard_theirs = run(obj_setting, tuple(objective_methods), obj_params,
                     oracle_slots if has_oracle else 0)
-  ga = run(setting, ('ga',), nets.params, ga_slots)
+  ga = run(setting, ('ga', 'oracle') if has_oracle else ('ga',), nets.params, ga_slots)
   points = []
   for i, value in enumerate(values):
     results = main[i]
@@ -130,11 +135,13 @@ def sweep_points(nets: Networks, sweep: str, values, methods, *, slots: int,
     if yard[i] is not None:
       results = results.merged(yard[i], names=('oracle',), bound=True)
     if ga[i] is not None:
-      results = results.merged(ga[i])
+      results = results.merged(ga[i], names=('ga',))
     point = {'sweep': sweep, 'value': value, 'results': results}
     if yard[i] is not None:
       point['yardstick'] = (yard[i] if yard_theirs[i] is None
                             else yard[i].merged(yard_theirs[i], OBJECTIVE_PREFIX))
+    if ga[i] is not None and has_oracle:
+      point['ga_yardstick'] = ga[i]
     points.append(point)
   return points
 
@@ -145,7 +152,7 @@ def point_to_json(point: dict) -> dict:
 
 def point_from_json(point: dict) -> dict:
   """A point read back: its results as `EvalResult` (files of any earlier layout)."""
-  return {k: EvalResult.from_dict(v) if k in ('results', 'yardstick') else v
+  return {k: EvalResult.from_dict(v) if k in ('results', 'yardstick', 'ga_yardstick') else v
           for k, v in point.items()}
 
 
@@ -216,7 +223,8 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
       methods = LARGE_DATA_METHODS if large else METHODS[case]
       obj_methods = (('policy_moe',) if large else OBJECTIVE_METHODS[case])
       obj = objective.get(case)
-      settings = {'slots': slots, 'seed': seed, 'ga_slots': 0 if large else ga_slots,
+      settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
+                  'ga_slots': 0 if large else ga_slots,
                   'oracle_slots': oracle_slots if 'oracle' in methods else 0,
                   'networks': nets[case].fingerprint,
                   'objective_networks': obj.fingerprint if obj else None,

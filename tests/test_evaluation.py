@@ -15,9 +15,9 @@ from dynn_jax.evaluation import (EvalResult, Params, Setting, check_methods,
                                  chunk_trace_count, evaluate, evaluate_sweep)
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
-from dynn_jax.reproduce import parse_sweeps
-from dynn_jax.reports import (headline_table, methods_table, objective_gap_table,
-                              objective_gaps)
+from dynn_jax.reproduce import SweepKey, parse_sweeps
+from dynn_jax.reports import (compared, headline_table, methods_table, objective_gap_table,
+                              objective_gaps, points_network_ops, tally)
 from dynn_jax.networks import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,6 +149,34 @@ def test_report_tables_compute_gaps_from_the_results():
   assert rows[-1].startswith('| lower bound | 0.5000 |')
 
 
+def test_orderings_with_the_oracle_compare_methods_on_the_same_slots():
+  def results(**means):
+    return EvalResult({m: {'objective': {'mean': v, 'ci95': 0.0}} for m, v in means.items()},
+                      slots=1)
+  # On the GA's own slots the oracle wins; the oracle's mean over its own larger sample
+  # would have lost to the GA's over different slots.
+  point = {'value': 1.0, 'results': results(oracle=0.40, ga=0.39, equal_split=0.5),
+           'yardstick': results(oracle=0.40, equal_split=0.45),
+           'ga_yardstick': results(oracle=0.38, ga=0.39)}
+  assert compared(point, 'oracle', 'ga') is point['ga_yardstick']
+  assert compared(point, 'oracle', 'equal_split') is point['yardstick']
+  assert compared(point, 'ga', 'equal_split') is point['results']
+  sweeps = {SweepKey(1, 'data'): [point]}
+  assert tally(sweeps, 1, 'oracle', 'ga', 'objective') == (
+      'oracle ≤ ga on objective at 1 of 1 points')
+  assert tally(sweeps, 1, 'equal_split', 'ga', 'objective') == (
+      'equal_split ≤ ga on objective at 0 of 1 points (not at data=1)')
+
+
+def test_network_ops_of_the_points_count_every_result_set_at_its_own_slots():
+  def results(slots, slots_of=None, **ops):
+    return EvalResult({m: {'ops': {'mean': v, 'ci95': 0.0}} for m, v in ops.items()},
+                      slots=slots, slots_of=slots_of or {})
+  point = {'value': 1.0, 'results': results(100, {'ga': 4}, net=10.0, ga=0.0),
+           'yardstick': results(8, net=10.0, oracle=0.0)}
+  assert points_network_ops({SweepKey(1, 'data'): [point, point]}) == 2 * (1000 + 80)
+
+
 def test_sweep_names_may_name_a_case_and_bad_ones_are_refused():
   assert parse_sweeps(['data', '2:cpu']) == {'data', '2:cpu'}
   for bad in (['sideways'], ['3:data'], ['1:sideways']):
@@ -178,6 +206,24 @@ def test_a_sweep_compiles_once_and_equals_evaluations_point_by_point():
     evaluate_sweep(Setting(MEC2, MODEL, MEC2), names, random_networks(), 'n_users', [7], slots=64)
   with pytest.raises(ConfigError, match='f_ser'):
     evaluate_sweep(setting, names, nets, 'f_ser', [-1.0], slots=64)
+
+
+def test_methods_on_the_active_rows_give_the_full_width_numbers():
+  mec = MEC2.replace(n_max=20)                       # 6 users: the methods see 8 positions
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8, static_width=8)
+  nets, setting = random_networks(mec, model), Setting(mec, model, mec)
+  names = ('pmrl', 'fix_moe', 'static', 'kkt_weighted', 'oracle', 'random')
+  before = chunk_trace_count()
+  trimmed = evaluate(setting, names, nets, slots=64, chunk=64)
+  full = evaluate(setting, names, nets, slots=64, chunk=64, rows=20)
+  assert chunk_trace_count() - before == 2           # the row count is part of the program
+  for name in names:
+    for metric, value in full[name].items():
+      np.testing.assert_allclose(trimmed[name][metric]['mean'], value['mean'], rtol=2e-6,
+                                 atol=1e-9, err_msg=f'{name} {metric}')
+  np.testing.assert_allclose(trimmed.bound['mean'], full.bound['mean'], rtol=2e-6)
+  with pytest.raises(ValueError, match=r'rows = 5; must be an integer in \[6, 20\]'):
+    evaluate(setting, names, nets, slots=64, rows=5)
 
 
 def test_results_round_trip_and_read_the_flat_layout_of_older_files():

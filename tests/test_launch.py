@@ -1,6 +1,7 @@
 """Every shipped flagfile runs (in a tiny setting), and bad input fails before any work."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ TINY = {
     'train_cost.py': TINY_MODEL + ['--batch=8', '--max_steps=4', '--steps_per_call=2',
                                    '--study_eval_slots=32', '--kinds=depth', '--seeds=0'],
     'reproduce.py': ['--cases=2', '--sweeps=cpu', '--points_per_sweep=2', '--slots=64',
-                     '--ga_slots=0', '--oracle_slots=16', '--model_size_slots=0'],
+                     '--ga_slots=4', '--oracle_slots=16', '--model_size_slots=0'],
 }
 
 
@@ -90,6 +91,9 @@ def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
     assert expected.exists()
   if script == 'reproduce.py':  # a second run reads every point back: resume
     points = sorted((tmp_path / 'points').iterdir())
+    point = json.loads(points[0].read_text())
+    assert {'yardstick', 'ga_yardstick'} <= set(point['payload'] if 'payload' in point
+                                                else point)
     stamps = [p.stat().st_mtime_ns for p in points]
     again = run(script, *args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -12,11 +12,12 @@ import pytest
 
 from dynn_jax import ConfigError, MECConfig, equal_split, sample_slots, slot_costs
 from dynn_jax.env import weighted_edge_delay
-from dynn_jax.models import ModelConfig, MoEAllocator, allocate
+from dynn_jax.models import ModelConfig, MoEAllocator, Policy, allocate
 from dynn_jax.networks import Networks
 from dynn_jax.runs import RunDir, RunDirError
 from dynn_jax.training import (TrainConfig, init_params, kl_bounds, load_networks,
-                               miss_temperature, read_flagfile, run_config, save_networks,
+                               miss_temperature, policy_loss, read_flagfile, run_config,
+                               save_networks,
                                train_allocator, train_all, train_and_evaluate, trained_loss,
                                weighted_delays)
 from dynn_jax.evaluation import Params
@@ -68,11 +69,12 @@ def test_progressive_schedule_grows_ranges_down_to_one():
   assert tuple(int(v) for v in kl_bounds(6, width_only, model)) == (1, 3)
 
 
-@pytest.mark.parametrize('loss', ['paper', 'objective'])
-def test_resume_equals_uninterrupted(tmp_path, loss):
+@pytest.mark.parametrize('loss,decay', [('paper', 1.0), ('objective', 0.05)])
+def test_resume_equals_uninterrupted(tmp_path, loss, decay):
+  # With a decaying learning rate the schedule's position must come back too.
   train = TrainConfig(batch=16, full_steps=20, width_steps=20, depth_steps=20,
                       steps_per_call=10, checkpoint_every=1, static_steps=0,
-                      policy_steps=0, joint_steps=0, loss=loss)
+                      policy_steps=0, joint_steps=0, loss=loss, alloc_lr_decay=decay)
   whole = train_allocator(MEC, MODEL, train)
 
   class Killed(Exception):
@@ -121,7 +123,8 @@ def test_case2_pipeline_trains_every_network(loss, tmp_path):
   model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8)
   train = TrainConfig(batch=8, full_steps=4, width_steps=4, depth_steps=4, static_steps=4,
                       policy_steps=4, joint_steps=4, steps_per_call=4,
-                      offload_fraction_min=0.3, loss=loss)
+                      offload_fraction_min=0.3, loss=loss,
+                      policy_target='expected_cost' if loss == 'objective' else 'labels')
   params = train_all(mec, model, train)
   assert all(p is not None for p in params)
   for leaf in jax.tree.leaves(params):
@@ -150,10 +153,33 @@ def test_objective_loss_lowers_the_slot_objective():
     ({'miss_temperature_end': float('nan')}, 'TrainConfig.miss_temperature_end'),
     ({'miss_temperature_end': float('inf')}, 'TrainConfig.miss_temperature_end'),
     ({'miss_temperature_start': -1.0}, 'TrainConfig.miss_temperature_start'),
+    ({'alloc_lr_decay': 0.0}, 'TrainConfig.alloc_lr_decay'),
+    ({'alloc_lr_decay': 1.5}, 'TrainConfig.alloc_lr_decay'),
+    ({'policy_target': 'argmin'}, 'TrainConfig.policy_target'),
 ])
 def test_bad_loss_settings_name_the_field(changes, field):
   with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
     TrainConfig(**changes)
+
+
+def test_policy_losses_against_numpy():
+  model = MODEL
+  policy = Policy(model)
+  slots = sample_slots(jax.random.PRNGKey(3), MEC, 5)
+  feats = normalized_features(slots, MEC)
+  params = init_params(policy, jax.random.PRNGKey(4), MEC)
+  costs = jax.random.uniform(jax.random.PRNGKey(5), (5, model.num_options), minval=1.0,
+                             maxval=2.0)
+  logits = np.asarray(policy.apply({'params': params}, feats, slots.mask), np.float64)
+  c = np.asarray(costs, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  expected = (p * (c / c.min(-1, keepdims=True) - 1.0)).sum(-1).mean()
+  cross_entropy = -np.log(p[np.arange(5), c.argmin(-1)]).mean()
+  np.testing.assert_allclose(policy_loss(policy, params, feats, slots.mask, costs,
+                                         'expected_cost'), expected, rtol=1e-5)
+  np.testing.assert_allclose(policy_loss(policy, params, feats, slots.mask, costs),
+                             cross_entropy, rtol=1e-5)
 
 
 def test_miss_temperature_anneals_from_start_to_end():

@@ -28,8 +28,8 @@ from dynn_jax.training.loop import (chunked_phase, scan_chunk, train_all, train_
                                     train_joint, train_policy)
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
                                      modelled_delay_table, moe_apply, objective_loss,
-                                     policy_labels, policy_loss, policy_step, static_apply,
-                                     update, user_costs)
+                                     option_costs, policy_labels, policy_loss, policy_step,
+                                     static_apply, update, user_costs)
 
 # dynn_jax.benchmark's profile builds a chunk by this name (without donation: it reuses
 # the state it passes).
@@ -39,8 +39,9 @@ __all__ = [
     'DYNAMIC', 'HELD_OUT_SEED', 'HeldOut', 'JointState', 'LAUNCHER_FLAGS', 'LOSSES', 'Params',
     'SCHEDULES', 'TrainConfig', 'TrainState', 'TrainingFlags', 'allocator_step',
     'chunked_phase', 'held_out', 'init_params', 'joint_step', 'kl_bounds', 'load_networks',
-    'miss_temperature', 'modelled_delay_table', 'moe_apply', 'objective_loss', 'phase_key',
-    'policy_labels', 'policy_loss', 'policy_step', 'read_flagfile', 'run_config',
+    'miss_temperature', 'modelled_delay_table', 'moe_apply', 'objective_loss',
+    'option_costs', 'phase_key', 'policy_labels', 'policy_loss', 'policy_step',
+    'read_flagfile', 'run_config',
     'sample_kl', 'sample_offload', 'save_networks', 'scan_chunk', 'static_apply',
     'static_gap', 'subnetwork_gaps', 'train_all', 'train_allocator', 'train_and_evaluate',
     'train_joint', 'train_policy', 'trained_loss', 'training_slots', 'update', 'user_costs',

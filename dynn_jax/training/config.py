@@ -23,6 +23,7 @@ Array = jax.Array
 
 SCHEDULES = ('progressive', 'scratch')
 DYNAMIC = ('full', 'width', 'depth')
+POLICY_TARGETS = ('labels', 'expected_cost')
 
 
 _TRAIN_RANGES = {
@@ -32,6 +33,7 @@ _TRAIN_RANGES = {
                                            'scratch_steps', 'static_steps', 'policy_steps',
                                            'joint_steps')},
     'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
+    'alloc_lr_decay': Range(0.0, 1.0, False, True),
     'miss_temperature_start': POSITIVE, 'miss_temperature_end': POSITIVE,
     'offload_fraction_min': Range(0.0, 1.0, False, True),
     **{name: POSITIVE for name in ('size_scale_min', 'size_scale_max', 'workload_scale_min',
@@ -45,6 +47,9 @@ class TrainConfig(ConfigBase):
   seed: int = 0
   batch: int = 64                   # slots per step
   alloc_lr: float = 1e-3
+  # Final allocator learning rate as a fraction of alloc_lr, reached by a cosine decay
+  # over each allocator phase (the DyNN's, the static network's); 1: constant.
+  alloc_lr_decay: float = 1.0
   policy_lr: float = 1e-4
   scheduler_lr: float = 2e-3
   schedule: str = 'progressive'     # or 'scratch'
@@ -77,12 +82,18 @@ class TrainConfig(ConfigBase):
   # Scheduler rewards divided per slot by the slot's mean |reward|, so that slots with
   # large tasks (large costs) do not set every gradient. Always on with loss='objective'.
   normalize_rewards: bool = False
+  # What the policy learns from each slot's per-option costs: 'labels', the cross-entropy
+  # with the cheapest option (the paper's); 'expected_cost', the softmax-weighted cost
+  # relative to the cheapest, which weighs a wrong pick by what it costs (near-ties,
+  # common between exits, then cost almost nothing instead of a full label error).
+  policy_target: str = 'labels'
 
   def __post_init__(self):
     check_ranges(self, _TRAIN_RANGES)
     check_choice(self, 'schedule', SCHEDULES)
     check_choice(self, 'dynamic', DYNAMIC)
     check_choice(self, 'loss', LOSSES)
+    check_choice(self, 'policy_target', POLICY_TARGETS)
     for kind in ('size', 'workload'):
       low, high = getattr(self, f'{kind}_scale_min'), getattr(self, f'{kind}_scale_max')
       if high < low:

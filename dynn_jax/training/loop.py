@@ -93,9 +93,11 @@ def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
   module = StaticAllocator(model) if static else MoEAllocator(model)
   if params is None:
     params = init_params(module, jax.random.fold_in(key, 0), mec)
-  tx = optax.adam(train.alloc_lr)
   apply = static_apply(model) if static else moe_apply(model)
   total = train.static_steps if static else train.alloc_steps
+  tx = optax.adam(train.alloc_lr if train.alloc_lr_decay == 1.0 else
+                  optax.cosine_decay_schedule(train.alloc_lr, max(total, 1),
+                                              alpha=train.alloc_lr_decay))
   step = allocator_step(apply, tx, mec, train, model, dynamic=not static, total=total)
   chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
   return chunked_phase(name, run, TrainState.create(tx, params), total, train, chunk,

@@ -14,7 +14,9 @@ range the schedule allows at that step (`config.kl_bounds`):
 Policy labels: for each slot, the (k, l) minimising the mean edge cost over the
 offloaded users, C_edge_i = alpha (w_i T_inf_edge(k, l) + T_edge_i) + beta E_edge_i,
 with all K x L sub-networks evaluated in one vmapped call; loss: cross-entropy over the
-K * L options.
+K * L options. With `TrainConfig.policy_target = 'expected_cost'` the policy instead
+minimises the softmax-weighted cost of the options relative to the slot's cheapest
+(`policy_loss`).
 
 With `TrainConfig.loss = 'objective'` every phase is judged by the objective of SPEC
 section 1 instead: the allocator takes one update per step on the slot objective
@@ -206,21 +208,34 @@ def user_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig, t_inf_ed
                          t_inf_edge)
 
 
-def policy_labels(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
-                  x: Array, delay_table: Callable = modelled_delay_table,
-                  loss: str = 'paper') -> Array:
-  """Option index minimising the summed edge cost over the offloaded users: [...]."""
+def option_costs(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
+                 x: Array, delay_table: Callable = modelled_delay_table,
+                 loss: str = 'paper') -> Array:
+  """Summed edge cost over the offloaded users of every option (k, l): [..., K * L]."""
   out = all_subnetworks(model, {'params': alloc_params}, normalized_features(slots, mec), x)
   t_edge, _ = delay_table(model, mec, x, slots)          # [B, K, L]
   t_edge = jnp.moveaxis(t_edge, (-2, -1), (0, 1))         # [K, L, B]
   cost = user_costs(out, slots, x, mec, t_edge, loss).sum(-1)   # [K, L, B]
-  cost = cost.reshape((model.num_options,) + cost.shape[2:])
-  return jnp.argmin(cost, 0)
+  return jnp.moveaxis(cost.reshape((model.num_options,) + cost.shape[2:]), 0, -1)
 
 
-def policy_loss(policy: Policy, params: Any, feats: Array, x: Array, labels: Array) -> Array:
+def policy_labels(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
+                  x: Array, delay_table: Callable = modelled_delay_table,
+                  loss: str = 'paper') -> Array:
+  """Option index minimising the summed edge cost over the offloaded users: [...]."""
+  return jnp.argmin(option_costs(model, mec, alloc_params, slots, x, delay_table, loss), -1)
+
+
+def policy_loss(policy: Policy, params: Any, feats: Array, x: Array, costs: Array,
+                target: str = 'labels') -> Array:
+  """The policy's loss on slots whose options cost `costs` [..., K * L] (see
+  TrainConfig.policy_target)."""
   logits = policy.apply({'params': params}, feats, x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  if target == 'labels':
+    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmin(costs, -1)).mean()
+  best = costs.min(-1, keepdims=True)
+  excess = (costs - best) / jnp.maximum(best, 1e-30)   # 0 for the cheapest option
+  return (jax.nn.softmax(logits) * jax.lax.stop_gradient(excess)).sum(-1).mean()
 
 
 def policy_step(tx: optax.GradientTransformation, mec: MECConfig, model: ModelConfig,
@@ -233,8 +248,9 @@ def policy_step(tx: optax.GradientTransformation, mec: MECConfig, model: ModelCo
     slots = training_slots(key, mec, train)
     x = slots.mask
     feats = normalized_features(slots, mec)
-    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table, train.loss)
-    value, grads = jax.value_and_grad(policy_loss, 1)(policy, state.params, feats, x, labels)
+    costs = option_costs(model, mec, alloc_params, slots, x, delay_table, train.loss)
+    value, grads = jax.value_and_grad(policy_loss, 1)(policy, state.params, feats, x, costs,
+                                                      train.policy_target)
     return state.apply_gradients(tx, grads), {'loss_policy': value}
   return step
 
@@ -318,9 +334,9 @@ def joint_step(tx_s: optax.GradientTransformation, tx_p: optax.GradientTransform
 
     loss_s, grads = jax.value_and_grad(sched_loss)(state.scheduler.params)
     sched = state.scheduler.apply_gradients(tx_s, grads)
-    labels = policy_labels(model, mec, alloc_params, slots, x, delay_table, train.loss)
+    costs = option_costs(model, mec, alloc_params, slots, x, delay_table, train.loss)
     loss_p, grads = jax.value_and_grad(policy_loss, 1)(policy, state.policy.params, feats,
-                                                       x, labels)
+                                                       x, costs, train.policy_target)
     pol = state.policy.apply_gradients(tx_p, grads)
     metrics = {'loss_scheduler': loss_s, 'loss_policy': loss_p,
                'offload_ratio': x.sum() / jnp.maximum(slots.mask.sum(), 1)}
