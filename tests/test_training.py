@@ -15,7 +15,8 @@ from dynn_jax.env import weighted_edge_delay
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, allocate
 from dynn_jax.networks import Networks
 from dynn_jax.runs import RunDir, RunDirError
-from dynn_jax.training import (TrainConfig, init_params, kl_bounds, load_networks,
+from dynn_jax.training import (TrainConfig, alloc_learning_rate, init_params, kl_bounds,
+                               load_networks,
                                miss_temperature, policy_loss, read_flagfile, run_config,
                                save_networks,
                                train_allocator, train_all, train_and_evaluate, trained_loss,
@@ -155,6 +156,7 @@ def test_objective_loss_lowers_the_slot_objective():
     ({'miss_temperature_start': -1.0}, 'TrainConfig.miss_temperature_start'),
     ({'alloc_lr_decay': 0.0}, 'TrainConfig.alloc_lr_decay'),
     ({'alloc_lr_decay': 1.5}, 'TrainConfig.alloc_lr_decay'),
+    ({'alloc_lr_decay_from': 1.0}, 'TrainConfig.alloc_lr_decay_from'),
     ({'policy_target': 'argmin'}, 'TrainConfig.policy_target'),
 ])
 def test_bad_loss_settings_name_the_field(changes, field):
@@ -180,6 +182,17 @@ def test_policy_losses_against_numpy():
                                          'expected_cost'), expected, rtol=1e-5)
   np.testing.assert_allclose(policy_loss(policy, params, feats, slots.mask, costs),
                              cross_entropy, rtol=1e-5)
+
+
+def test_allocator_learning_rate_holds_then_decays_over_the_end_of_the_phase():
+  assert alloc_learning_rate(TrainConfig(alloc_lr=1e-3), 100) == 1e-3
+  lr = alloc_learning_rate(TrainConfig(alloc_lr=1e-3, alloc_lr_decay=0.1,
+                                       alloc_lr_decay_from=0.6), 100)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 59, 60, 80, 100)],
+                             [1e-3, 1e-3, 1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4], rtol=1e-5)
+  whole = alloc_learning_rate(TrainConfig(alloc_lr=1e-3, alloc_lr_decay=0.1), 100)
+  np.testing.assert_allclose([float(whole(s)) for s in (0, 50, 100)],
+                             [1e-3, 1e-4 + 0.9e-3 * 0.5, 1e-4], rtol=1e-5)
 
 
 def test_miss_temperature_anneals_from_start_to_end():

@@ -12,6 +12,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, ConfigError,
                              MECConfig, Range, check_choice, check_ranges)
@@ -34,6 +35,7 @@ _TRAIN_RANGES = {
                                            'joint_steps')},
     'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
     'alloc_lr_decay': Range(0.0, 1.0, False, True),
+    'alloc_lr_decay_from': Range(0.0, 1.0, True, False),
     'miss_temperature_start': POSITIVE, 'miss_temperature_end': POSITIVE,
     'offload_fraction_min': Range(0.0, 1.0, False, True),
     **{name: POSITIVE for name in ('size_scale_min', 'size_scale_max', 'workload_scale_min',
@@ -47,9 +49,11 @@ class TrainConfig(ConfigBase):
   seed: int = 0
   batch: int = 64                   # slots per step
   alloc_lr: float = 1e-3
-  # Final allocator learning rate as a fraction of alloc_lr, reached by a cosine decay
-  # over each allocator phase (the DyNN's, the static network's); 1: constant.
+  # Final allocator learning rate as a fraction of alloc_lr (1: constant), reached by a
+  # cosine decay over the last part of each allocator phase (the DyNN's, the static
+  # network's), from alloc_lr_decay_from of its steps: see `alloc_learning_rate`.
   alloc_lr_decay: float = 1.0
+  alloc_lr_decay_from: float = 0.0
   policy_lr: float = 1e-4
   scheduler_lr: float = 2e-3
   schedule: str = 'progressive'     # or 'scratch'
@@ -105,6 +109,22 @@ class TrainConfig(ConfigBase):
     if self.schedule == 'scratch':
       return self.scratch_steps
     return self.full_steps + self.width_steps + self.depth_steps
+
+
+def alloc_learning_rate(train: TrainConfig, total: int):
+  """The allocator's learning rate over a phase of `total` steps: alloc_lr throughout,
+  or constant until `alloc_lr_decay_from` of the phase and then a cosine decay to
+  alloc_lr * alloc_lr_decay at its end. The small exits are still learning late in the
+  depth stage, so a decay over the whole phase slows them; a decay over its end only
+  settles what they learnt."""
+  if train.alloc_lr_decay == 1.0:
+    return train.alloc_lr
+  start = int(round(train.alloc_lr_decay_from * total))
+  decay = optax.cosine_decay_schedule(train.alloc_lr, max(total - start, 1),
+                                      alpha=train.alloc_lr_decay)
+  if start == 0:
+    return decay
+  return optax.join_schedules([optax.constant_schedule(train.alloc_lr), decay], [start])
 
 
 def phase_key(seed: int, name: str) -> Array:

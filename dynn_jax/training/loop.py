@@ -23,7 +23,7 @@ from dynn_jax.config import MECConfig
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
 from dynn_jax.networks import Params, init_params
 from dynn_jax.runs import Progress, RunDir
-from dynn_jax.training.config import TrainConfig, phase_key
+from dynn_jax.training.config import TrainConfig, alloc_learning_rate, phase_key
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
                                      modelled_delay_table, moe_apply, policy_step,
                                      static_apply)
@@ -95,9 +95,7 @@ def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
     params = init_params(module, jax.random.fold_in(key, 0), mec)
   apply = static_apply(model) if static else moe_apply(model)
   total = train.static_steps if static else train.alloc_steps
-  tx = optax.adam(train.alloc_lr if train.alloc_lr_decay == 1.0 else
-                  optax.cosine_decay_schedule(train.alloc_lr, max(total, 1),
-                                              alpha=train.alloc_lr_decay))
+  tx = optax.adam(alloc_learning_rate(train, total))
   step = allocator_step(apply, tx, mec, train, model, dynamic=not static, total=total)
   chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
   return chunked_phase(name, run, TrainState.create(tx, params), total, train, chunk,
