@@ -209,18 +209,24 @@ def test_a_sweep_compiles_once_and_equals_evaluations_point_by_point():
 
 
 def test_methods_on_the_active_rows_give_the_full_width_numbers():
-  mec = MEC2.replace(n_max=20)                       # 6 users: the methods see 8 positions
+  # Case 1: its oracle compiles far faster than case 2's joint search; the scheduler and
+  # random offloading are per-user and full-width respectively, nothing to trim.
+  mec = MECConfig(case=1, n_users=6, n_max=20)       # 6 users: the methods see 8 positions
   model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8, static_width=8)
   nets, setting = random_networks(mec, model), Setting(mec, model, mec)
-  names = ('pmrl', 'fix_moe', 'static', 'kkt_weighted', 'oracle', 'random')
+  names = ('policy_moe', 'fix_moe', 'static', 'kkt_weighted', 'equal_split', 'oracle')
   before = chunk_trace_count()
   trimmed = evaluate(setting, names, nets, slots=64, chunk=64)
   full = evaluate(setting, names, nets, slots=64, chunk=64, rows=20)
   assert chunk_trace_count() - before == 2           # the row count is part of the program
   for name in names:
+    # The oracle iterates to its optimum, and sums over fewer positions round otherwise:
+    # its objective agrees to 2e-6, the metrics it does not optimise to 1e-4.
+    rtol = 1e-4 if name == 'oracle' else 2e-6
     for metric, value in full[name].items():
-      np.testing.assert_allclose(trimmed[name][metric]['mean'], value['mean'], rtol=2e-6,
-                                 atol=1e-9, err_msg=f'{name} {metric}')
+      np.testing.assert_allclose(trimmed[name][metric]['mean'], value['mean'],
+                                 rtol=2e-6 if metric == 'objective' else rtol, atol=1e-9,
+                                 err_msg=f'{name} {metric}')
   np.testing.assert_allclose(trimmed.bound['mean'], full.bound['mean'], rtol=2e-6)
   with pytest.raises(ValueError, match=r'rows = 5; must be an integer in \[6, 20\]'):
     evaluate(setting, names, nets, slots=64, rows=5)
