@@ -340,9 +340,18 @@ ROW_MULTIPLE = 8
 FULL_WIDTH_METHODS = ('ga', 'random', 'exhaustive')
 
 
-def active_rows(n_users: int, width: int) -> int:
-  """User positions the methods run on for systems of at most `n_users` users."""
-  return min(width, ROW_MULTIPLE * math.ceil(max(int(n_users), 1) / ROW_MULTIPLE))
+def active_rows(n_users, width: int) -> int:
+  """User positions the methods run on for systems of `n_users` users (an int, or the
+  stacked values of a sweep: the most of them)."""
+  most = int(np.max(np.asarray(n_users)))
+  return min(width, ROW_MULTIPLE * math.ceil(max(most, 1) / ROW_MULTIPLE))
+
+
+def shape_setting(setting: Setting) -> Setting:
+  """`setting` with only what fixes shapes in its system (case, width): the static
+  argument of the compiled chunk, so every system of that case and width shares it."""
+  return dataclasses.replace(setting, mec=MECConfig(case=setting.mec.case, n_users=1,
+                                                    n_max=setting.mec.width))
 
 
 def first_rows(slots: Slots, rows: int) -> Slots:
@@ -436,10 +445,7 @@ def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int 
   if not POSITIVE_INT.admits(rows) or not most <= rows <= setting.mec.width:
     raise ValueError(f'rows = {rows!r}; must be an integer in [{most}, '
                      f'{setting.mec.width}] (the users present to the padded width)')
-  # Only what fixes shapes stays static, so every system of this case and width
-  # shares the compiled chunk.
-  static = dataclasses.replace(setting, mec=MECConfig(case=setting.mec.case, n_users=1,
-                                                      n_max=setting.mec.width))
+  static = shape_setting(setting)
   key = jax.random.PRNGKey(seed)
   totals = None
   for i in range(n_chunks):
@@ -468,7 +474,7 @@ def evaluate_sweep(setting: Setting, names, params: Params, field: str, values, 
   field's effect, not sampling noise. A field that fixes shapes is refused."""
   envs = sweep_params(setting.mec, field, values)
   values = list(values)
-  rows = active_rows(int(np.max(np.asarray(envs.n_users))), setting.mec.width)
+  rows = active_rows(envs.n_users, setting.mec.width)
   tracker = (Progress(f'sweep {field}', slots * len(values), every_s=10.0, unit='slot')
              if progress else None)
   return [evaluate(setting, names, params, slots=slots, chunk=chunk, seed=seed, mesh=mesh,

@@ -176,12 +176,11 @@ def chunk_memory(setting: evaluation.Setting, name: str, params: Params, chunk: 
   mesh = evaluation.batch_mesh()
   devices = mesh.devices.size
   chunk = devices * math.ceil(chunk / devices)
-  static = dataclasses.replace(setting, mec=MECConfig(case=setting.mec.case, n_users=1,
-                                                      n_max=setting.mec.width))
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
   rows = evaluation.active_rows(setting.mec.n_users, setting.mec.width)
-  compiled = evaluation._chunk_sums.lower(static, (name,), key, params, chunk,
-                                          setting.mec.params(), chunk, mesh, rows).compile()
+  compiled = evaluation._chunk_sums.lower(evaluation.shape_setting(setting), (name,), key,
+                                          params, chunk, setting.mec.params(), chunk, mesh,
+                                          rows).compile()
   stats = compiled.memory_analysis()
   if stats is None:
     return None
