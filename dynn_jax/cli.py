@@ -89,8 +89,15 @@ def training_configs():
   from dynn_jax.config import MECConfig
   from dynn_jax.models import ModelConfig
   from dynn_jax.training import TrainConfig
+  from dynn_jax.training.config import check_scheduler_training
   mec = from_flags(MECConfig)
-  return mec, from_flags(ModelConfig, max_users=mec.width), from_flags(TrainConfig)
+  model, train = from_flags(ModelConfig, max_users=mec.width), from_flags(TrainConfig)
+  try:
+    check_scheduler_training(model, train)
+  except ValueError as e:
+    raise app.UsageError(f'{e} (flags --scheduler_context, --server_cpu_scale_min/max)'
+                         ) from None
+  return mec, model, train
 
 
 def stop_if_dry_run(**resolved) -> None:

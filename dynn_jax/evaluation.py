@@ -34,7 +34,7 @@ from dynn_jax.config import POSITIVE_INT, EnvParams, MECConfig, point_params, sw
 from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
 from dynn_jax.batching import blocked
 from dynn_jax.models import (ModelConfig, Policy, Scheduler, StaticAllocator, allocate,
-                             exit_sorted_apply, moe_forward, option_to_kl)
+                             exit_sorted_apply, moe_forward, option_to_kl, scheduler_context)
 from dynn_jax.networks import Params
 from dynn_jax.runs import Progress
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
@@ -79,7 +79,9 @@ def _scheduler_x(setting: Setting, params: Params, feats: Array, slots: Slots) -
   """Case 2: offload where the scheduler's probability exceeds 1/2; case 1: everyone."""
   if setting.mec.case == 1:
     return slots.mask
-  prob = Scheduler(setting.model).apply({'params': params.scheduler}, feats, slots.mask).prob
+  context = scheduler_context(setting.model, setting.mec, setting.feature_config)
+  prob = Scheduler(setting.model).apply({'params': params.scheduler}, feats, slots.mask,
+                                        context).prob
   return slots.mask & (prob > 0.5)
 
 

@@ -108,6 +108,9 @@ Array = jax.Array
 
 POOLED_DIM = 2 * NUM_FEATURES + 1
 
+# MECConfig fields a scheduler reads, per ModelConfig.scheduler_context.
+SCHEDULER_CONTEXTS = {'none': (), 'server_cpu': ('f_ser',)}
+
 
 _MODEL_RANGES = {
     'num_experts': POSITIVE_INT, 'max_depth': POSITIVE_INT, 'width': POSITIVE_INT,
@@ -131,10 +134,17 @@ class ModelConfig(ConfigBase):
   max_users: int = 30          # N_max: the longest user axis accepted
   op_zeta: float = 2.0         # counted ops of a dense layer: zeta * D_in * D_out + iota
   op_iota: float = 0.0
+  # System inputs of the scheduler besides each user's 5 features (SCHEDULER_CONTEXTS).
+  # 'none' is the paper's scheduler. With 'server_cpu' it also reads
+  # log(f_ser / f_ser of the features' system): without it one trained scheduler offloads
+  # the same users whatever the server's capacity, and at a slow server that is worse
+  # than running everything locally.
+  scheduler_context: str = 'none'
 
   def __post_init__(self):
     check_ranges(self, _MODEL_RANGES)
     check_choice(self, 'gate_noise', (True, False))
+    check_choice(self, 'scheduler_context', tuple(SCHEDULER_CONTEXTS))
 
   @classmethod
   def for_env(cls, mec_config: MECConfig, **overrides) -> 'ModelConfig':
@@ -636,18 +646,46 @@ class SchedulerOutput(NamedTuple):
   prob: Array    # [..., W] offload probability, 0 for padded users
 
 
-class Scheduler(nn.Module):
-  """Per-user MLP (5 -> scheduler_hidden -> 1, LeakyReLU) giving offload probabilities.
+def scheduler_context(config: ModelConfig, mec, reference) -> Array:
+  """The scheduler's system inputs [C] (C = 0 for the paper's scheduler): the log of each
+  field of SCHEDULER_CONTEXTS relative to its value in `reference`, the system the
+  features are normalised by, so 0 there. `mec` is a MECConfig or EnvParams (scalar
+  leaves, or leaves with a batch shape [...] giving [..., C])."""
+  fields = SCHEDULER_CONTEXTS[config.scheduler_context]
+  if not fields:
+    return jnp.zeros((0,))
+  return jnp.stack([jnp.log(jnp.asarray(getattr(mec, name)) / getattr(reference, name))
+                    for name in fields], -1)
 
-  `__call__(features, user_mask) -> SchedulerOutput`; each user sees only its own
-  features, so any N works. Parameters: hidden/{kernel, bias}, out/{kernel, bias}.
+
+def scheduler_inputs(config: ModelConfig) -> int:
+  return NUM_FEATURES + len(SCHEDULER_CONTEXTS[config.scheduler_context])
+
+
+class Scheduler(nn.Module):
+  """Per-user MLP (5 + C -> scheduler_hidden -> 1, LeakyReLU) giving offload
+  probabilities.
+
+  `__call__(features, user_mask, context=None) -> SchedulerOutput`; each user sees its
+  own features and the slot's system inputs `context` ([C] or [..., C], from
+  `scheduler_context`; None means the features' own system, zeros), so any N works.
+  Parameters: hidden/{kernel, bias}, out/{kernel, bias}.
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, features, user_mask) -> SchedulerOutput:
+  def __call__(self, features, user_mask, context=None) -> SchedulerOutput:
     config = self.config
     features, user_mask = check_inputs(config, features, user_mask, 'user_mask')
+    extra = scheduler_inputs(config) - NUM_FEATURES
+    if extra:
+      context = (jnp.zeros((extra,), features.dtype) if context is None
+                 else jnp.asarray(context, features.dtype))
+      if context.shape[-1:] != (extra,):
+        raise ValueError(f'Scheduler context: shape {context.shape}, expected [..., {extra}] '
+                         f'(scheduler_context={config.scheduler_context!r})')
+      context = jnp.broadcast_to(context[..., None, :], features.shape[:-1] + (extra,))
+      features = jnp.concatenate([features, context], -1)
     h = _act(nn.Dense(config.scheduler_hidden, name='hidden')(features), config)
     logits = nn.Dense(1, name='out')(h)[..., 0]
     return SchedulerOutput(logits, jnp.where(user_mask, jax.nn.sigmoid(logits), 0.0))

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynn_jax.config import MECConfig
-from dynn_jax.env import NUM_FEATURES
-from dynn_jax.models import POOLED_DIM, ModelConfig, check_int, check_kl
+from dynn_jax.models import POOLED_DIM, ModelConfig, check_int, check_kl, scheduler_inputs
 
 Array = jax.Array
 
@@ -124,7 +123,7 @@ def static_ops(config: ModelConfig, n_offloaded) -> Array:
 
 def scheduler_ops(config: ModelConfig, n_users) -> Array:
   n, n_ok = _checked_n(config, 'n_users', n_users, np.shape(n_users))
-  per_user = (dense_ops(config, NUM_FEATURES, config.scheduler_hidden)
+  per_user = (dense_ops(config, scheduler_inputs(config), config.scheduler_hidden)
               + dense_ops(config, config.scheduler_hidden, 1))
   return jnp.where(n_ok, n * _float(per_user), jnp.nan)
 
@@ -170,7 +169,7 @@ def static_params(config: ModelConfig) -> int:
 
 
 def scheduler_params(config: ModelConfig) -> int:
-  return (dense_params(NUM_FEATURES, config.scheduler_hidden)
+  return (dense_params(scheduler_inputs(config), config.scheduler_hidden)
           + dense_params(config.scheduler_hidden, 1))
 
 

@@ -186,8 +186,17 @@ def test_sweep_names_may_name_a_case_and_bad_ones_are_refused():
 
 def test_a_sweep_compiles_once_and_equals_evaluations_point_by_point():
   mec = MEC2.replace(n_max=8)
-  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8, static_width=8)
+  # A scheduler that reads the server CPU: traced in the sweep, a constant at the point.
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8, static_width=8,
+                              scheduler_context='server_cpu')
   nets, names = random_networks(mec, model), ('pmrl', 'kkt_weighted', 'local')
+  # Its logit is the context alone: offload everyone above the reference CPU, no one below.
+  hidden = np.zeros((6, model.scheduler_hidden), np.float32)
+  hidden[5] = 1.0
+  nets = nets._replace(scheduler={
+      'hidden': {'kernel': hidden, 'bias': np.zeros(model.scheduler_hidden, np.float32)},
+      'out': {'kernel': np.ones((model.scheduler_hidden, 1), np.float32),
+              'bias': np.zeros(1, np.float32)}})
   setting = Setting(mec, model, mec)
   before = chunk_trace_count()
   cpu = evaluate_sweep(setting, names, nets, 'f_ser', [1e9, 4e9], slots=64, chunk=64)
@@ -199,6 +208,8 @@ def test_a_sweep_compiles_once_and_equals_evaluations_point_by_point():
     for metric, value in point[name].items():
       np.testing.assert_allclose(cpu[1][name][metric]['mean'], value['mean'], rtol=1e-6)
   assert cpu[0]['pmrl']['mean_delay']['mean'] > cpu[1]['pmrl']['mean_delay']['mean']
+  assert (cpu[0]['pmrl']['offload_ratio']['mean'], cpu[1]['pmrl']['offload_ratio']['mean']
+          ) == (0.0, 1.0)
   assert tasks[0]['local']['total_energy']['mean'] < tasks[1]['local']['total_energy']['mean']
   with pytest.raises(ConfigError, match='fields that can be swept'):
     evaluate_sweep(setting, names, nets, 'n_max', [8], slots=64)

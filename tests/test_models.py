@@ -12,6 +12,7 @@ from dynn_jax import ConfigError, MECConfig, ops
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.batching import blocked
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
+                             scheduler_context,
                              all_subnetworks, allocate, choose_kl, exit_sorted_apply,
                              exit_sorted_trace_count, kl_to_option, moe_forward,
                              option_to_kl, per_slot_apply, per_slot_forward,
@@ -372,6 +373,29 @@ def test_full_network_trains_every_parameter(data, moe_vars):
 
 
 # --------------------------------------------------------- scheduler and policy
+
+
+def test_scheduler_reading_the_server_cpu(data):
+  features, mask, _ = data
+  config = SMALL.replace(scheduler_context='server_cpu')
+  scheduler = Scheduler(config)
+  variables = scheduler.init(jax.random.PRNGKey(8), features, mask)
+  assert variables['params']['hidden']['kernel'].shape == (6, config.scheduler_hidden)
+  assert ops.count_params(variables) == ops.scheduler_params(config)
+  assert ops.scheduler_ops(config, 1) == 2 * 6 * 4 + 2 * 4
+  # log(f_ser / reference f_ser): 0 at the features' own system.
+  context = scheduler_context(config, MEC.replace(f_ser=2 * MEC.f_ser), MEC)
+  np.testing.assert_allclose(context, [np.log(2.0)], rtol=1e-6)
+  assert scheduler_context(SMALL, MEC, MEC).shape == (0,)
+  logits = lambda c: np.asarray(scheduler.apply(variables, features, mask, c).logits)
+  np.testing.assert_array_equal(logits(None), logits(jnp.zeros(1)))
+  assert not np.allclose(logits(context), logits(None))
+  # One context per slot [B, 1] equals slot-by-slot application.
+  per_slot = jnp.linspace(-1.0, 1.0, features.shape[0])[:, None]
+  expected = np.stack([logits(c)[i] for i, c in enumerate(per_slot)])
+  np.testing.assert_allclose(logits(per_slot), expected, rtol=1e-6)
+  with pytest.raises(ValueError, match='context'):
+    scheduler.apply(variables, features, mask, jnp.zeros(2))
 
 
 def test_scheduler_and_policy_outputs(data):

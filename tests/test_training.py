@@ -16,10 +16,11 @@ from dynn_jax.models import ModelConfig, MoEAllocator, Policy, allocate
 from dynn_jax.networks import Networks
 from dynn_jax.runs import RunDir, RunDirError
 from dynn_jax.training import (TrainConfig, alloc_learning_rate, init_params, kl_bounds,
-                               load_networks,
+                               check_scheduler_training, load_networks,
                                miss_temperature, policy_loss, read_flagfile, run_config,
                                save_networks,
                                train_allocator, train_all, train_and_evaluate, trained_loss,
+                               tune_allocator,
                                weighted_delays)
 from dynn_jax.evaluation import Params
 from dynn_jax.env import normalized_features
@@ -121,11 +122,17 @@ def test_networks_file_round_trip_and_errors(tmp_path, trained):
 @pytest.mark.parametrize('loss', ['paper', 'objective'])
 def test_case2_pipeline_trains_every_network(loss, tmp_path):
   mec = MECConfig(case=2, n_users=6)
-  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8)
+  # The objective variant also covers a scheduler reading the server CPU, trained with
+  # f_ser drawn per step (costs in traced EnvParams); the paper variant, the defaults.
+  objective = loss == 'objective'
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=8,
+                              scheduler_context='server_cpu' if objective else 'none')
   train = TrainConfig(batch=8, full_steps=4, width_steps=4, depth_steps=4, static_steps=4,
                       policy_steps=4, joint_steps=4, steps_per_call=4,
                       offload_fraction_min=0.3, loss=loss,
-                      policy_target='expected_cost' if loss == 'objective' else 'labels')
+                      policy_target='expected_cost' if objective else 'labels',
+                      server_cpu_scale_min=0.4 if objective else 1.0,
+                      server_cpu_scale_max=2.0 if objective else 1.0)
   params = train_all(mec, model, train)
   assert all(p is not None for p in params)
   for leaf in jax.tree.leaves(params):
@@ -158,10 +165,38 @@ def test_objective_loss_lowers_the_slot_objective():
     ({'alloc_lr_decay': 1.5}, 'TrainConfig.alloc_lr_decay'),
     ({'alloc_lr_decay_from': 1.0}, 'TrainConfig.alloc_lr_decay_from'),
     ({'policy_target': 'argmin'}, 'TrainConfig.policy_target'),
+    ({'tune_steps': 4, 'policy_steps': 0}, 'TrainConfig.tune_steps'),
+    ({'tune_steps': -1}, 'TrainConfig.tune_steps'),
 ])
 def test_bad_loss_settings_name_the_field(changes, field):
   with pytest.raises(ConfigError, match=field.replace('.', r'\.')):
     TrainConfig(**changes)
+
+
+def test_a_scheduler_reading_the_server_cpu_needs_a_cpu_range_in_training():
+  model = ModelConfig.for_env(MECConfig(case=2), scheduler_context='server_cpu')
+  with pytest.raises(ConfigError, match=r'server_cpu_scale_min'):
+    check_scheduler_training(model, TrainConfig())
+  check_scheduler_training(model, TrainConfig(server_cpu_scale_min=0.5))
+  with pytest.raises(ConfigError, match=r'TrainConfig\.server_cpu_scale_max'):
+    TrainConfig(server_cpu_scale_min=2.0)
+  with pytest.raises(ConfigError, match='ModelConfig.scheduler_context'):
+    ModelConfig(scheduler_context='fleet')
+
+
+def test_tuning_trains_only_the_exit_the_policy_picks(trained):
+  # A policy that picks (k, l) = (1, 1) for every slot: only the first layer of the one
+  # expert each slot's gate selects, and the heads, get gradients; deeper layers none,
+  # so Adam leaves them exactly as they were.
+  policy = init_params(Policy(MODEL), jax.random.PRNGKey(1), MEC)
+  policy = jax.tree.map(np.zeros_like, policy)
+  policy['out']['bias'][0] = 1.0   # option 0 = (1, 1)
+  train = TRAIN.replace(loss='objective', tune_steps=4, policy_steps=1, steps_per_call=4)
+  tuned = tune_allocator(MEC, MODEL, train, trained, policy)
+  assert np.array_equal(tuned['layer2_kernel'], trained['layer2_kernel'])
+  assert np.array_equal(tuned['layer2_bias'], trained['layer2_bias'])
+  assert not np.array_equal(tuned['layer1_kernel'], trained['layer1_kernel'])
+  assert not np.array_equal(tuned['head_b_kernel'], trained['head_b_kernel'])
 
 
 def test_policy_losses_against_numpy():
@@ -246,7 +281,8 @@ def test_cost_study_stops_at_the_bar_and_resumes_from_its_cache(tmp_path, monkey
 TINY_MEC = MECConfig(n_users=6)
 TINY_MODEL = ModelConfig.for_env(TINY_MEC, num_experts=2, max_depth=2, width=8, static_width=8)
 TINY_TRAIN = TrainConfig(batch=8, full_steps=2, width_steps=2, depth_steps=2, static_steps=2,
-                         policy_steps=2, joint_steps=0, steps_per_call=2, eval_slots=64)
+                         policy_steps=2, tune_steps=2, joint_steps=0, steps_per_call=2,
+                         eval_slots=64)
 
 
 def test_train_and_evaluate_trains_saves_summarises_and_resumes(tmp_path):

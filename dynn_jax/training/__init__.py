@@ -20,12 +20,13 @@ from dynn_jax.networks import (LOSSES, Params, init_params, load_networks, save_
 from dynn_jax.quality import (HELD_OUT_SEED, HeldOut, held_out, static_gap, subnetwork_gaps,
                               weighted_delays)
 from dynn_jax.training.config import (DYNAMIC, SCHEDULES, TrainConfig, alloc_learning_rate,
+                                      check_scheduler_training,
                                       kl_bounds, miss_temperature, phase_key, sample_kl,
                                       sample_offload, training_slots)
 from dynn_jax.training.job import (LAUNCHER_FLAGS, TrainingFlags, read_flagfile, run_config,
                                    train_and_evaluate)
 from dynn_jax.training.loop import (chunked_phase, scan_chunk, train_all, train_allocator,
-                                    train_joint, train_policy)
+                                    train_joint, train_policy, tune_allocator)
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
                                      modelled_delay_table, moe_apply, objective_loss,
                                      option_costs, policy_labels, policy_loss, policy_step,
@@ -38,6 +39,7 @@ _scan_chunk = scan_chunk
 __all__ = [
     'DYNAMIC', 'HELD_OUT_SEED', 'HeldOut', 'JointState', 'LAUNCHER_FLAGS', 'LOSSES', 'Params',
     'SCHEDULES', 'TrainConfig', 'TrainState', 'TrainingFlags', 'alloc_learning_rate',
+    'check_scheduler_training', 'tune_allocator',
     'allocator_step',
     'chunked_phase', 'held_out', 'init_params', 'joint_step', 'kl_bounds', 'load_networks',
     'miss_temperature', 'modelled_delay_table', 'moe_apply', 'objective_loss',

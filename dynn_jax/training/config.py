@@ -8,6 +8,7 @@ parameters (see `steps`) or runs a loop (see `loop`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, ConfigError,
-                             MECConfig, Range, check_choice, check_ranges)
+                             Config, MECConfig, Range, check_choice, check_ranges)
 from dynn_jax.env import Slots, sample_slots
 from dynn_jax.models import ModelConfig
 from dynn_jax.networks import LOSSES
@@ -32,14 +33,15 @@ _TRAIN_RANGES = {
                                        'eval_slots')},
     **{name: NON_NEGATIVE_INT for name in ('seed', 'full_steps', 'width_steps', 'depth_steps',
                                            'scratch_steps', 'static_steps', 'policy_steps',
-                                           'joint_steps')},
+                                           'joint_steps', 'tune_steps')},
     'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
     'alloc_lr_decay': Range(0.0, 1.0, False, True),
     'alloc_lr_decay_from': Range(0.0, 1.0, True, False),
     'miss_temperature_start': POSITIVE, 'miss_temperature_end': POSITIVE,
     'offload_fraction_min': Range(0.0, 1.0, False, True),
     **{name: POSITIVE for name in ('size_scale_min', 'size_scale_max', 'workload_scale_min',
-                                   'workload_scale_max')},
+                                   'workload_scale_max', 'server_cpu_scale_min',
+                                   'server_cpu_scale_max')},
 }
 
 
@@ -65,6 +67,9 @@ class TrainConfig(ConfigBase):
   static_steps: int = 3000          # static baseline (0: not trained)
   policy_steps: int = 1000          # policy pre-training with all tasks offloaded
   joint_steps: int = 1000           # case 2 joint scheduler + policy loop
+  # After the policy: allocator steps where each slot trains the exit the policy picks
+  # for it (`training.loop.tune_allocator`), then the policy is trained again.
+  tune_steps: int = 0
   steps_per_call: int = 50          # steps per compiled chunk (lax.scan length)
   checkpoint_every: int = 10        # chunks between checkpoints
   offload_fraction_min: float = 1.0  # allocator trained on random offloaded subsets
@@ -75,6 +80,11 @@ class TrainConfig(ConfigBase):
   size_scale_max: float = 1.0
   workload_scale_min: float = 1.0
   workload_scale_max: float = 1.0
+  # Case 2's joint loop: each step's server CPU is f_ser times a factor drawn
+  # log-uniformly from [min, max], so that a scheduler reading the server's CPU
+  # (ModelConfig.scheduler_context='server_cpu') learns when offloading pays.
+  server_cpu_scale_min: float = 1.0
+  server_cpu_scale_max: float = 1.0
   eval_slots: int = 2048            # held-out slots for the final report
   # 'paper': SPEC section 4's weighted-delay losses; 'objective': the slot objective of
   # SPEC section 1 (see `dynn_jax.training.steps`).
@@ -98,7 +108,10 @@ class TrainConfig(ConfigBase):
     check_choice(self, 'dynamic', DYNAMIC)
     check_choice(self, 'loss', LOSSES)
     check_choice(self, 'policy_target', POLICY_TARGETS)
-    for kind in ('size', 'workload'):
+    if self.tune_steps and not self.policy_steps:
+      raise ConfigError(f'TrainConfig.tune_steps = {self.tune_steps}: tuning trains the '
+                        'exits the policy picks, so it needs policy_steps > 0')
+    for kind in ('size', 'workload', 'server_cpu'):
       low, high = getattr(self, f'{kind}_scale_min'), getattr(self, f'{kind}_scale_max')
       if high < low:
         raise ConfigError(f'TrainConfig.{kind}_scale_max = {high!r}; must be >= '
@@ -109,6 +122,17 @@ class TrainConfig(ConfigBase):
     if self.schedule == 'scratch':
       return self.scratch_steps
     return self.full_steps + self.width_steps + self.depth_steps
+
+
+def check_scheduler_training(model: ModelConfig, train: TrainConfig) -> None:
+  """A scheduler reading the server CPU must be trained on more than one: else its
+  extra input is constant in training and arbitrary wherever f_ser differs."""
+  if (model.scheduler_context == 'server_cpu'
+      and train.server_cpu_scale_min == train.server_cpu_scale_max):
+    raise ConfigError(
+        "ModelConfig.scheduler_context = 'server_cpu' needs TrainConfig.server_cpu_scale_min "
+        f'< server_cpu_scale_max (both {train.server_cpu_scale_min!r}): the scheduler must '
+        'see more than one server CPU in training')
 
 
 def alloc_learning_rate(train: TrainConfig, total: int):
@@ -186,6 +210,17 @@ def training_slots(key: Array, mec: MECConfig, train: TrainConfig) -> Slots:
   (s_lo, s_hi), (c_lo, c_hi) = ranges
   return slots._replace(s=slots.s * (s_lo + (s_hi - s_lo) * u[0]),
                         c=slots.c * (c_lo + (c_hi - c_lo) * u[1]))
+
+
+def training_system(key: Array, mec: MECConfig, train: TrainConfig) -> Config:
+  """The system one step's costs are computed in: `mec`, or (server_cpu_scale range
+  not [1, 1]) its EnvParams with f_ser scaled by a log-uniform factor. Slots are sampled
+  and features normalised with `mec` itself."""
+  low, high = train.server_cpu_scale_min, train.server_cpu_scale_max
+  if low == high == 1.0:
+    return mec
+  log_factor = jax.random.uniform(key, (), minval=math.log(low), maxval=math.log(high))
+  return mec.params().replace(f_ser=mec.f_ser * jnp.exp(log_factor))
 
 
 def sample_offload(key: Array, slots: Slots, fraction_min: float) -> Array:

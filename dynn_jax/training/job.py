@@ -20,7 +20,7 @@ from dynn_jax.config import ConfigError, MECConfig
 from dynn_jax.models import ModelConfig
 from dynn_jax.networks import Networks, save_networks
 from dynn_jax.runs import RunDir
-from dynn_jax.training.config import TrainConfig
+from dynn_jax.training.config import TrainConfig, check_scheduler_training
 from dynn_jax.training.loop import train_all
 
 
@@ -44,6 +44,7 @@ def train_and_evaluate(mec: MECConfig, model: ModelConfig, train: TrainConfig,
   from dynn_jax.reports import training_summary
   if isinstance(eval_chunk, bool) or not isinstance(eval_chunk, int) or eval_chunk < 1:
     raise ValueError(f'eval_chunk = {eval_chunk!r}; must be a positive integer')
+  check_scheduler_training(model, train)
   config = run_config(mec, model, train)
   runs.check_start(run_dir, config, resume)
   run = RunDir(run_dir)

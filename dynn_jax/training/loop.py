@@ -20,10 +20,12 @@ import numpy as np
 import optax
 
 from dynn_jax.config import MECConfig
-from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
+from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
+                             choose_kl)
 from dynn_jax.networks import Params, init_params
 from dynn_jax.runs import Progress, RunDir
-from dynn_jax.training.config import TrainConfig, alloc_learning_rate, phase_key
+from dynn_jax.training.config import (TrainConfig, alloc_learning_rate, check_scheduler_training,
+                                      phase_key)
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
                                      modelled_delay_table, moe_apply, policy_step,
                                      static_apply)
@@ -102,6 +104,30 @@ def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
                        on_chunk).params
 
 
+def tune_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
+                   policy_params: Any, run: RunDir | None = None, name: str = 'tune') -> Any:
+  """`train.tune_steps` allocator steps where each slot trains the exit the policy picks
+  for it, as at inference, with the miss temperature at its final value.
+
+  Progressive shrinking spreads the updates over every exit, and the exits share
+  weights; the policy ends up using few of them (with the objective's inference delay,
+  mostly the smallest), and these gain from updates of their own.
+  """
+  key = phase_key(train.seed, name)
+  policy = Policy(model)
+
+  def exits(feats, x):
+    return choose_kl(policy.apply({'params': policy_params}, feats, x), model)
+
+  settled = train.replace(miss_temperature_start=train.miss_temperature_end)
+  tx = optax.adam(alloc_learning_rate(train, train.tune_steps))
+  step = allocator_step(moe_apply(model), tx, mec, settled, model, dynamic=True,
+                        total=train.tune_steps, exits=exits)
+  chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
+  return chunked_phase(name, run, TrainState.create(tx, alloc_params), train.tune_steps,
+                       train, chunk).params
+
+
 def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
                  run: RunDir | None = None, delay_table: Callable = modelled_delay_table,
                  name: str = 'policy') -> Any:
@@ -133,11 +159,17 @@ def train_joint(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_pa
 
 def train_all(mec: MECConfig, model: ModelConfig, train: TrainConfig,
               run: RunDir | None = None) -> Params:
-  """Allocator, static baseline, policy and (case 2) scheduler, in the paper's order."""
+  """Allocator, static baseline, policy and (case 2) scheduler, in the paper's order;
+  with `tune_steps`, the exits the policy picks are tuned after the policy, which is
+  then trained again (phases 'tune' and 'policy_tuned')."""
+  check_scheduler_training(model, train)
   allocator = train_allocator(mec, model, train, run)
   static = (train_allocator(mec, model, train, run, name='static', static=True)
             if train.static_steps else None)
   policy = train_policy(mec, model, train, allocator, run) if train.policy_steps else None
+  if train.tune_steps:
+    allocator = tune_allocator(mec, model, train, allocator, policy, run)
+    policy = train_policy(mec, model, train, allocator, run, name='policy_tuned')
   scheduler = None
   if mec.case == 2 and train.joint_steps:
     if policy is None:

@@ -48,11 +48,11 @@ from dynn_jax.config import MECConfig
 from dynn_jax.env import (Decision, Slots, edge_delays, importance_weight, local_delay,
                           local_energy, normalized_features)
 from dynn_jax.models import (Allocation, ModelConfig, Policy, Scheduler, StaticAllocator,
-                             all_subnetworks, choose_kl, moe_forward)
+                             all_subnetworks, choose_kl, moe_forward, scheduler_context)
 from dynn_jax.solvers import equal_split
 from dynn_jax.solvers.objective import edge_user_costs, local_user_costs, resource_prices
 from dynn_jax.training.config import (TrainConfig, miss_temperature, sample_kl,
-                                      sample_offload, training_slots)
+                                      sample_offload, training_slots, training_system)
 
 Array = jax.Array
 
@@ -129,16 +129,23 @@ def objective_loss(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
 
 
 def allocator_step(apply: Callable, tx: optax.GradientTransformation, mec: MECConfig,
-                   train: TrainConfig, model: ModelConfig, dynamic: bool, total: int = 1):
+                   train: TrainConfig, model: ModelConfig, dynamic: bool, total: int = 1,
+                   exits: Callable | None = None):
   """One step of SPEC section 4 (two updates; `train.loss == 'paper'`) or one update on
   the smoothed objective ('objective', temperature annealed over `total` steps);
-  `apply(params, feats, x, k, l, key)`."""
+  `apply(params, feats, x, k, l, key)`. Each slot trains the exit (k, l) the
+  progressive schedule samples, or `exits(feats, x)` gives (dynamic only)."""
+  if exits is not None and not dynamic:
+    raise ValueError('allocator_step: exits= needs dynamic=True')
+
   def step(state: TrainState, key: Array):
     ks, kx, kkl, kn = jax.random.split(key, 4)
     slots = training_slots(ks, mec, train)
     x = sample_offload(kx, slots, train.offload_fraction_min)
     feats = normalized_features(slots, mec)
-    if dynamic:
+    if exits is not None:
+      k, l = exits(feats, x)
+    elif dynamic:
       k, l = sample_kl(kkl, state.step, (train.batch,), train, model)
     else:
       k = l = None
@@ -301,26 +308,29 @@ def joint_step(tx_s: optax.GradientTransformation, tx_p: optax.GradientTransform
     ks, kx = jax.random.split(key)
     slots = training_slots(ks, mec, train)
     feats = normalized_features(slots, mec)
+    env = training_system(jax.random.fold_in(key, 2), mec, train)
+    context = scheduler_context(model, env, mec)
 
     def sched_prob(params):
-      return scheduler.apply({'params': params}, feats, slots.mask).prob
+      return scheduler.apply({'params': params}, feats, slots.mask, context).prob
 
     p = sched_prob(state.scheduler.params)
     x = slots.mask & (jax.random.uniform(kx, p.shape) < p)
     logits = policy.apply({'params': state.policy.params}, feats, x)
     k, l = choose_kl(logits, model)
-    t_edge_table, t_loc = delay_table(model, mec, x, slots)
+    t_edge_table, t_loc = delay_table(model, env, x, slots)
     t_edge = jnp.take_along_axis(
         t_edge_table.reshape(t_edge_table.shape[:-2] + (-1,)),
         ((k - 1) * model.max_depth + l - 1)[..., None], -1)[..., 0]
     out_all = moe_forward(model, alloc_params, feats, slots.mask, k, l)
     b_share, f_share = counterfactual_shares(out_all, x)
     cf = Allocation(out_all.b_logits, out_all.f_logits, b_share, f_share, out_all.gate)
-    c_edge = user_costs(cf, slots, slots.mask, mec, t_edge, train.loss)
+    c_edge = user_costs(cf, slots, slots.mask, env, t_edge, train.loss)
     if train.loss == 'paper':
-      gain = local_costs(slots, mec, t_loc) - c_edge     # > 0: offloading is cheaper
+      gain = local_costs(slots, env, t_loc) - c_edge     # > 0: offloading is cheaper
     else:
-      gain = local_user_costs(slots, mec, t_loc) - c_edge - congestion_costs(cf, slots, x, mec)
+      gain = (local_user_costs(slots, env, t_loc) - c_edge
+              - congestion_costs(cf, slots, x, env))
     if train.normalize_rewards or train.loss == 'objective':
       # Every slot counts alike, whatever its task sizes (large tasks have large costs).
       scale = jnp.where(slots.mask, jnp.abs(gain), 0.0).sum(-1, keepdims=True)
@@ -334,7 +344,7 @@ def joint_step(tx_s: optax.GradientTransformation, tx_p: optax.GradientTransform
 
     loss_s, grads = jax.value_and_grad(sched_loss)(state.scheduler.params)
     sched = state.scheduler.apply_gradients(tx_s, grads)
-    costs = option_costs(model, mec, alloc_params, slots, x, delay_table, train.loss)
+    costs = option_costs(model, env, alloc_params, slots, x, delay_table, train.loss)
     loss_p, grads = jax.value_and_grad(policy_loss, 1)(policy, state.policy.params, feats,
                                                        x, costs, train.policy_target)
     pol = state.policy.apply_gradients(tx_p, grads)
