@@ -151,11 +151,14 @@ def _static(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
 
 
-def _solver_method(name: str, offload: Callable, allocate_fn: Callable):
+def _solver_method(name: str | None, offload: Callable, allocate_fn: Callable):
+  """A solver baseline; `name` is the solver whose measured run time is its inference
+  delay in measured mode (None: nothing runs worth timing, e.g. all-local)."""
   def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
     x = offload(key, slots)
     decision = allocate_fn(slots, x, setting.mec)
-    own = _zeros(slots) if setting.delay is None else setting.delay.solver(name, _zeros(slots))
+    own = (_zeros(slots) if setting.delay is None or name is None
+           else setting.delay.solver(name, _zeros(slots)))
     return Outcome(decision, own, own, _zeros(slots))
   return run
 
@@ -187,6 +190,10 @@ def _exhaustive(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   return Outcome(exhaustive_search(slots, setting.mec, own, own), own, own, own)
 
 
+# The solver whose measured run time each method adds in measured mode.
+TIMED_SOLVERS = {'kkt_weighted': 'kkt_weighted', 'equal_split': 'equal_split',
+                 'random': 'kkt_weighted', 'ga': 'ga', 'oracle': 'oracle'}
+
 METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'policy_moe': _moe_method('none', True),
     'pmrl': _moe_method('none', True),
@@ -198,7 +205,7 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'equal_split': _solver_method('equal_split', _everyone, equal_split),
     'random': _solver_method('kkt_weighted', lambda key, s: random_offload(key, s),
                              optimal_allocation),
-    'local': _solver_method('local', lambda key, s: all_local(s), equal_split),
+    'local': _solver_method(None, lambda key, s: all_local(s), equal_split),
     'ga': _ga,
     'oracle': _oracle,
     'exhaustive': _exhaustive,
@@ -231,6 +238,14 @@ def check_methods(names, params: Params, setting: Setting) -> None:
     problem = _problem(name, params, setting.mec)
     if problem:
       raise ValueError(problem)
+    solver = TIMED_SOLVERS.get(name)
+    if setting.delay is not None and solver is not None:
+      timed = dict(setting.delay.solvers_s)
+      if solver not in timed:
+        raise ValueError(
+            f'method {name!r} in measured mode: the latency table has no run time of '
+            f'{solver!r} (it has {sorted(timed)}); make the table again with '
+            'launch/benchmark.py --suite=exits')
 
 
 def default_methods(mec: MECConfig, params: Params) -> tuple[str, ...]:

@@ -67,8 +67,14 @@ class MeasuredTable:
     return edge, jnp.asarray(sched)
 
   def solver(self, name: str, zeros):
-    """A solver's own measured run time per slot (0 if the table does not have it)."""
-    return zeros + dict(self.solvers_s).get(name, 0.0)
+    """A solver's own measured run time per slot; a solver the table lacks raises (a
+    zero would count its run time as free)."""
+    times = dict(self.solvers_s)
+    if name not in times:
+      raise ValueError(f'the latency table has no run time of {name!r} (it has '
+                       f'{sorted(times)}); make it again with launch/benchmark.py '
+                       '--suite=exits')
+    return zeros + times[name]
 
 
 def _check_exit(name: str, value, top: int) -> None:

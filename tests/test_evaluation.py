@@ -131,6 +131,20 @@ def test_bad_requests_fail_before_work(names, params, mec, message):
     check_methods(names, params, Setting(mec, ModelConfig.for_env(mec), mec))
 
 
+def test_measured_mode_refuses_a_solver_the_table_has_not_timed():
+  # Counting its run time as zero would make a slow solver look free.
+  mec = MECConfig(case=2, n_users=4)
+  table = MeasuredTable(allocator_s=((1e-4,),), static_s=5e-4, policy_s=1e-5,
+                        scheduler_s=2e-5, solvers_s=(('kkt_weighted', 7e-4),), device=())
+  setting = Setting(mec, ModelConfig.for_env(mec), mec, table)
+  check_methods(('kkt_weighted', 'random', 'local'), Params(), setting)
+  for name, solver in (('oracle', 'oracle'), ('ga', 'ga'), ('equal_split', 'equal_split')):
+    with pytest.raises(ValueError, match=f"no run time of '{solver}'"):
+      check_methods((name,), Params(), setting)
+  with pytest.raises(ValueError, match="no run time of 'oracle'"):
+    table.solver('oracle', 0.0)
+
+
 def test_report_tables_compute_gaps_from_the_results():
   def entry(objective):
     metrics = {m: {'mean': 0.0, 'ci95': 0.0} for m in ('mean_delay', 'miss_ratio',
