@@ -151,14 +151,26 @@ def _static(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
 
 
-def _solver_method(name: str | None, offload: Callable, allocate_fn: Callable):
-  """A solver baseline; `name` is the solver whose measured run time is its inference
-  delay in measured mode (None: nothing runs worth timing, e.g. all-local)."""
+# The solver whose measured run time each method adds in measured mode (the others,
+# e.g. all-local, run nothing worth timing).
+TIMED_SOLVERS = {'kkt_weighted': 'kkt_weighted', 'equal_split': 'equal_split',
+                 'random': 'kkt_weighted', 'ga': 'ga', 'oracle': 'oracle'}
+
+
+def _own_time(setting: Setting, method: str, slots: Slots) -> Array:
+  """A solver method's own run time per slot [...]: its inference delay in measured
+  mode, 0 in modelled mode."""
+  zeros = _zeros(slots)
+  if setting.delay is None or method not in TIMED_SOLVERS:
+    return zeros
+  return setting.delay.solver(TIMED_SOLVERS[method], zeros)
+
+
+def _solver_method(method: str, offload: Callable, allocate_fn: Callable):
   def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
     x = offload(key, slots)
     decision = allocate_fn(slots, x, setting.mec)
-    own = (_zeros(slots) if setting.delay is None or name is None
-           else setting.delay.solver(name, _zeros(slots)))
+    own = _own_time(setting, method, slots)
     return Outcome(decision, own, own, _zeros(slots))
   return run
 
@@ -168,13 +180,13 @@ def _everyone(key, slots):
 
 
 def _ga(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-  own = _zeros(slots) if setting.delay is None else setting.delay.solver('ga', _zeros(slots))
+  own = _own_time(setting, 'ga', slots)
   decision, _ = ga_solve(key, slots, setting.mec, GAConfig(), own, own)
   return Outcome(decision, own, own, _zeros(slots))
 
 
 def _oracle(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-  own = _zeros(slots) if setting.delay is None else setting.delay.solver('oracle', _zeros(slots))
+  own = _own_time(setting, 'oracle', slots)
   return Outcome(oracle(slots, setting.mec, own, own), own, own, _zeros(slots))
 
 
@@ -190,10 +202,6 @@ def _exhaustive(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   return Outcome(exhaustive_search(slots, setting.mec, own, own), own, own, own)
 
 
-# The solver whose measured run time each method adds in measured mode.
-TIMED_SOLVERS = {'kkt_weighted': 'kkt_weighted', 'equal_split': 'equal_split',
-                 'random': 'kkt_weighted', 'ga': 'ga', 'oracle': 'oracle'}
-
 METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'policy_moe': _moe_method('none', True),
     'pmrl': _moe_method('none', True),
@@ -203,9 +211,9 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'static': _static,
     'kkt_weighted': _solver_method('kkt_weighted', _everyone, optimal_allocation),
     'equal_split': _solver_method('equal_split', _everyone, equal_split),
-    'random': _solver_method('kkt_weighted', lambda key, s: random_offload(key, s),
+    'random': _solver_method('random', lambda key, s: random_offload(key, s),
                              optimal_allocation),
-    'local': _solver_method(None, lambda key, s: all_local(s), equal_split),
+    'local': _solver_method('local', lambda key, s: all_local(s), equal_split),
     'ga': _ga,
     'oracle': _oracle,
     'exhaustive': _exhaustive,

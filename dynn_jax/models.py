@@ -677,7 +677,7 @@ class Scheduler(nn.Module):
   def __call__(self, features, user_mask, context=None) -> SchedulerOutput:
     config = self.config
     features, user_mask = check_inputs(config, features, user_mask, 'user_mask')
-    extra = scheduler_inputs(config) - NUM_FEATURES
+    extra = len(SCHEDULER_CONTEXTS[config.scheduler_context])
     if extra:
       context = (jnp.zeros((extra,), features.dtype) if context is None
                  else jnp.asarray(context, features.dtype))
