@@ -95,9 +95,42 @@ def training_configs():
   try:
     check_scheduler_training(model, train)
   except ValueError as e:
-    raise app.UsageError(f'{e} (flags --scheduler_context, --server_cpu_scale_min/max)'
-                         ) from None
+    raise app.UsageError(f'{e} (flags --scheduler_context or --policy_context, '
+                         '--server_cpu_scale_min/max)') from None
   return mec, model, train
+
+
+def define_delay_flags(modes=('none', 'modelled', 'measured')) -> None:
+  """--inference_delay, --latency_table and --allow_other_device (`delay_from_flags`)."""
+  flags.DEFINE_enum('inference_delay', 'modelled', list(modes),
+                    'Inference delay (dynn_jax.delay): ' + ', '.join(
+                        {'none': 'none (every network free)',
+                         'modelled': 'modelled (counted ops / f_ser)',
+                         'measured': 'measured (the latency table of --latency_table)'}[m]
+                        for m in modes))
+  flags.DEFINE_string('latency_table', None,
+                      'Measured latency table (launch/benchmark.py --suite=exits).')
+  flags.DEFINE_bool('allow_other_device', False,
+                    'Accept a latency table measured on another device.')
+
+
+def delay_from_flags(model, mec):
+  """The delay model of the flags of `define_delay_flags`, its table loaded and checked
+  against the model, the width and this device (usage errors before any work)."""
+  from dynn_jax import delay, latency
+  mode = FLAGS.inference_delay
+  if mode != 'measured':
+    if FLAGS.latency_table:
+      raise app.UsageError(f'--latency_table is only read with --inference_delay=measured '
+                           f'(got --inference_delay={mode})')
+    return delay.NONE if mode == 'none' else delay.MODELLED
+  if not FLAGS.latency_table:
+    raise app.UsageError('--inference_delay=measured needs --latency_table')
+  try:
+    return latency.load_table(FLAGS.latency_table, model, mec,
+                              allow_other_device=FLAGS.allow_other_device)
+  except (FileNotFoundError, IsADirectoryError, ValueError) as e:
+    raise app.UsageError(str(e)) from None
 
 
 def stop_if_dry_run(**resolved) -> None:

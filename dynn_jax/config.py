@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 NOISE_PSD_DBM_PER_HZ = -174.0
@@ -60,6 +61,17 @@ class Range(NamedTuple):
     return self.high is None or (value <= self.high if self.high_inclusive
                                  else value < self.high)
 
+  def admits_array(self, value) -> jax.Array:
+    """Elementwise `admits` for a (possibly traced) array of numbers (the integer
+    requirement is the dtype's business there)."""
+    value = jnp.asarray(value)
+    ok = jnp.isfinite(value)
+    if self.low is not None:
+      ok &= value >= self.low if self.low_inclusive else value > self.low
+    if self.high is not None:
+      ok &= value <= self.high if self.high_inclusive else value < self.high
+    return ok
+
   def __str__(self) -> str:
     lo = '-inf' if self.low is None else repr(self.low)
     hi = 'inf' if self.high is None else repr(self.high)
@@ -75,10 +87,25 @@ SNR_COEFFICIENT_RANGE = Range(1e-12, 1e25)
 NON_NEGATIVE = Range(0.0)
 POSITIVE_INT = Range(1, integer=True)
 NON_NEGATIVE_INT = Range(0, integer=True)
+# jax.random.PRNGKey keeps 32 bits of a seed: a larger one would alias a smaller one.
+SEED_RANGE = Range(0, 2 ** 32 - 1, integer=True)
+
+
+def plain_numbers(config) -> None:
+  """Replaces every numpy scalar field of a (frozen) config by the Python number it
+  holds: np.float32(2e9) is a fine f_ser, and a config must stay hashable and print
+  its values plainly. A numpy bool stays a bool (and is refused where a number is
+  asked)."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if isinstance(value, np.generic):
+      object.__setattr__(config, field.name, value.item())
 
 
 def check_ranges(config, ranges: dict[str, Range]) -> None:
-  """Raises ConfigError naming the first field outside its range."""
+  """Raises ConfigError naming the first field outside its range (numpy scalars are
+  taken as the Python numbers they hold, `plain_numbers`)."""
+  plain_numbers(config)
   for name, allowed in ranges.items():
     value = getattr(config, name)
     if not allowed.admits(value):
@@ -87,6 +114,7 @@ def check_ranges(config, ranges: dict[str, Range]) -> None:
 
 
 def check_choice(config, name: str, choices) -> None:
+  plain_numbers(config)
   value = getattr(config, name)
   # Same type too: 1 == True and 1.0 == 1, but neither is an allowed spelling.
   if not any(type(value) is type(c) and value == c for c in choices):
@@ -114,14 +142,20 @@ class ConfigBase:
 
 # Where the solvers are tested finite in float32 and float64 (tests/test_objective.py,
 # a grid of these corners); beyond them a float32 product or square overflows.
+# The objective's weights (alpha, beta, delta; gamma scales w_i) up to 1e6, 1e6 times
+# the defaults' order: a weighted sum of delays and energies over users then stays far
+# below float32's 3.4e38 (--alpha=1e30 gave NaN bounds). Local energy mu c s f_loc^2:
+# c s <= 4e15 and f_loc <= 1e13 (the server's CPU range) give mu c s <= 4 at mu <= 1e-15
+# (the default is 1e-23), so E_loc <= 4e26 J, and beta E_loc summed stays finite.
+_WEIGHT = Range(0.0, 1e6)
 _RANGES = {
     'n_users': POSITIVE_INT,
     'b_max': Range(1.0, 1e12), 'f_ser': Range(1e3, 1e13), 'p_tx': POSITIVE,
     'noise_psd': POSITIVE, 'g0': POSITIVE, 'path_loss_exp': POSITIVE, 'l0': POSITIVE,
     'dist_min': POSITIVE, 's_avg': Range(1e-3, 1e9), 'c_avg': Range(1e-3, 1e6),
-    'd_min': POSITIVE, 'f_loc_min': POSITIVE,
-    'alpha': NON_NEGATIVE, 'beta': NON_NEGATIVE, 'delta': NON_NEGATIVE, 'gamma': POSITIVE,
-    'mu': NON_NEGATIVE, 'cycles_per_op': POSITIVE,
+    'd_min': POSITIVE, 'f_loc_min': POSITIVE, 'f_loc_max': Range(0.0, 1e13, False),
+    'alpha': _WEIGHT, 'beta': _WEIGHT, 'delta': _WEIGHT, 'gamma': Range(0.0, 1e6, False),
+    'mu': Range(0.0, 1e-15), 'cycles_per_op': POSITIVE,
 }
 
 
@@ -250,6 +284,68 @@ class EnvParams:
   @property
   def c_max(self):
     return 2.0 * self.c_avg
+
+
+def _replace_checked(self, **changes) -> 'EnvParams':
+  """`dataclasses.replace`, the new values checked like MECConfig's where they are
+  concrete (`check_params`): `params.replace(f_ser=-1.0)` is an error, not a reward."""
+  params = dataclasses.replace(self, **changes)
+  check_params(params, tuple(changes))
+  return params
+
+
+# flax's struct.dataclass sets its own `replace` after the class body: overridden here.
+EnvParams.replace = _replace_checked
+
+# Pairs that must be ordered (low < high), as MECConfig checks them.
+_ORDERED = (('dist_min', 'dist_max'), ('d_min', 'd_max'), ('f_loc_min', 'f_loc_max'))
+
+
+def _is_concrete(value) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def _values(leaf) -> list:
+  return [v.item() for v in np.asarray(leaf).ravel()]
+
+
+def check_params(params: EnvParams, names: tuple[str, ...] | None = None) -> None:
+  """ConfigError naming the first EnvParams field (of `names`, default all) whose
+  concrete values leave MECConfig's range, or an ordered pair out of order. Traced
+  leaves are skipped: under jit `params_violation` turns them into a NaN objective."""
+  names = tuple(_RANGES) if names is None else names
+  for name in names:
+    allowed, leaf = _RANGES.get(name), getattr(params, name)
+    if allowed is None or not _is_concrete(leaf):
+      continue
+    # Compared in the leaf's own dtype, as under jit: float32(1e-15) exceeds 1e-15.
+    ok = np.asarray(allowed.admits_array(leaf)).ravel()
+    if not ok.all():
+      value = _values(leaf)[int(np.argmin(ok))]
+      raise ConfigError(f'EnvParams.{name} = {value!r}; allowed range {allowed}')
+  if 'n_users' in names and _is_concrete(params.n_users):
+    too_many = [n for n in _values(params.n_users) if n > params.width]
+    if too_many:
+      raise ConfigError(f'EnvParams.n_users = {too_many[0]!r}; allowed range an integer in '
+                        f'[1, {params.width}] (the padded width)')
+  for low, high in _ORDERED:
+    lo, hi = getattr(params, low), getattr(params, high)
+    if (low in names or high in names) and _is_concrete(lo) and _is_concrete(hi):
+      if not np.all(np.asarray(hi) > np.asarray(lo)):
+        raise ConfigError(f'EnvParams.{high} = {_values(hi)}; must be greater than {low} = '
+                          f'{_values(lo)}')
+
+
+def params_violation(params: EnvParams) -> jax.Array:
+  """A traced bool scalar: whether any field of `params` leaves MECConfig's range (or
+  an ordered pair is out of order), at any point of a stacked sweep: a function that
+  cannot raise under jit returns NaN where this is True."""
+  bad = jnp.zeros((), bool)
+  for name, allowed in _RANGES.items():
+    bad |= ~allowed.admits_array(getattr(params, name)).all()
+  for low, high in _ORDERED:
+    bad |= ~(jnp.asarray(getattr(params, high)) > getattr(params, low)).all()
+  return bad | (jnp.asarray(params.n_users) > params.width).any()
 
 
 Config = MECConfig | EnvParams

@@ -130,6 +130,17 @@ def _without_compile(chunks: list[tuple[int, list[float]]]) -> float:
   return sum(per_chunk + sum(times[1:]) for _, times in chunks if times)
 
 
+def check_kinds(kinds) -> None:
+  """ValueError naming --kinds for an unknown kind, or for none: a study of no kind would
+  replace a finished study file by an empty one."""
+  kinds = list(kinds)
+  if not kinds:
+    raise ValueError(f'--kinds is empty; give at least one of {list(KINDS)}')
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown:
+    raise ValueError(f'--kinds: unknown {unknown}; allowed {list(KINDS)}')
+
+
 def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: float = 0.15,
               max_steps: int = 20_000, eval_slots: int = 1024,
               kinds: tuple[str, ...] = KINDS, seeds: tuple[int, ...] = (0,),
@@ -141,6 +152,9 @@ def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: fl
   With `cache_dir`, each finished run is a JSON file there and is read back, not rerun,
   as long as it was made with the same settings: a killed study resumes.
   """
+  check_kinds(kinds)
+  if not seeds:
+    raise ValueError('--seeds is empty; give at least one training seed')
   held = held_out(mec, eval_slots, HELD_OUT_SEED)
   settings = {'mec': mec.to_dict(), 'model': model.to_dict(), 'bar': bar,
               'held_out_seed': HELD_OUT_SEED,

@@ -19,6 +19,11 @@ jax also detects Kubernetes and Cloud TPU jobs, but their variables are present 
 every pod or VM, not only in multi-process jobs, so there a run joins only when a flag
 or JAX_COORDINATOR_ADDRESS asks (jax then fills in what is missing).
 
+Joining waits at most --initialization_timeout seconds (60 by default, a line on stderr
+says so): a process missing, or one given other flags, ends every process with a
+one-line error instead of jax's five minutes of silence and abort. Process 0 first
+checks that the coordinator's port is free on its host.
+
 Every process reads its own inputs (networks, latency table), so every host needs
 them at the same paths; `check_same` refuses a run whose processes disagree.
 
@@ -29,11 +34,14 @@ GPUs use NCCL, which needs no setting.
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 
 import jax
 import numpy as np
@@ -58,6 +66,18 @@ def define_flags() -> None:
                        'or the Slurm / Open MPI job\'s task count).')
   flags.DEFINE_integer('process_id', None, 'This process\'s id in [0, --num_processes); '
                        'process 0 prints and writes the results.')
+  flags.DEFINE_integer('initialization_timeout', DEFAULT_TIMEOUT_S, 'Seconds every process '
+                       'waits for all --num_processes to join before it gives up with an '
+                       'error (jax\'s own default, 300 s, ends in an abort).')
+
+
+# How long a process waits for the others by default: long enough for every process of
+# a job to start (imports take seconds), short enough that a missing one is reported
+# before anyone wonders.
+DEFAULT_TIMEOUT_S = 60
+# jax's own deadline comes this much later than ours: at its deadline jax aborts the
+# process with a C++ stack trace, so ours must fire first.
+_JAX_DEADLINE_MARGIN_S = 30
 
 
 def _check_address(address: str, name: str) -> None:
@@ -80,15 +100,79 @@ def cluster_processes() -> int | None:
   return int(count) if count.isdigit() else None
 
 
+def check_port_free(address: str) -> None:
+  """ValueError when process 0 cannot open the coordinator's port on this host (another
+  program holds it): jax would otherwise wait out its whole timeout, then abort."""
+  port = int(address.rpartition(':')[2])
+  for family, host in ((socket.AF_INET, '0.0.0.0'), (socket.AF_INET6, '::')):
+    try:
+      sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+      continue  # no IPv6 here
+    with sock:
+      # As a server would: a port left in TIME_WAIT by an earlier run is free.
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        sock.bind((host, port))
+      except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+          raise ValueError(f'--coordinator_address = {address!r}: port {port} cannot be '
+                           f'opened on this host ({e.strerror}); process 0 runs the '
+                           'coordinator there: choose a free port for every process, or '
+                           'stop the program that holds it') from None
+        # Other errors (no such address family configured): nothing to learn here.
+
+
+def _join(address: str | None, num_processes: int | None, process_id: int | None,
+          total: int, timeout_s: int) -> None:
+  """jax.distributed.initialize, with a line while waiting and, if the `total`
+  processes do not all join within `timeout_s`, a one-line error and exit status 1."""
+  who = 'this process' if process_id is None else f'process {process_id}'
+  where = address or 'the job\'s coordinator'
+  print(f'{who}: waiting up to {timeout_s} s for {total} processes to join at {where}',
+        file=sys.stderr, flush=True)
+  joined = threading.Event()
+
+  def give_up():
+    if joined.is_set():
+      return
+    # jax waits inside C++ (the GIL released): this thread can still report and end
+    # the process before jax's own deadline aborts it with a stack trace.
+    sys.stdout.flush()
+    sys.stderr.write(f'error: {who}: the {total} processes did not all join at {where} '
+                     f'within {timeout_s} s (--initialization_timeout): start every '
+                     'process (--process_id 0 to --num_processes - 1, 0 first), with the '
+                     'same --num_processes and --coordinator_address, reachable from '
+                     'every host\n')
+    sys.stderr.flush()
+    os._exit(1)
+
+  timer = threading.Timer(timeout_s, give_up)
+  timer.daemon = True
+  timer.start()
+  try:
+    jax.distributed.initialize(address, num_processes, process_id,
+                               initialization_timeout=timeout_s + _JAX_DEADLINE_MARGIN_S)
+  finally:
+    joined.set()
+    timer.cancel()
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, connect: bool = True) -> int:
+               process_id: int | None = None, *, connect: bool = True,
+               timeout_s: int = DEFAULT_TIMEOUT_S) -> int:
   """Joins the processes of a multi-process run when one is asked for (see the module
   docstring) and returns the number of processes (1: nothing to join).
 
-  Bad values raise ValueError naming the flag, before anything connects. Call before
-  any JAX computation: jax.distributed cannot join once a backend exists. With
-  `connect=False` the values are only checked (a dry run must not wait for the others).
+  Bad values raise ValueError naming the flag, before anything connects (process 0
+  also checks that the coordinator's port is free). Call before any JAX computation:
+  jax.distributed cannot join once a backend exists. With `connect=False` the values
+  are only checked (a dry run must not wait for the others). When the processes do not
+  all join within `timeout_s`, the process prints one line and exits with status 1.
   """
+  if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
+    raise ValueError(f'--initialization_timeout = {timeout_s!r}; must be an integer >= 1 '
+                     '(seconds)')
   if num_processes is not None and num_processes < 1:
     raise ValueError(f'--num_processes = {num_processes}; must be >= 1')
   if process_id is not None and process_id < 0:
@@ -128,7 +212,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # their sums. An explicit 'mpi' is kept.
   if not jax.config.jax_cpu_collectives_implementation:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(address, num_processes, process_id)
+  if address is not None and process_id == 0:
+    check_port_free(address)
+  _join(address, num_processes, process_id, total, timeout_s)
   return jax.process_count()
 
 
@@ -140,7 +226,8 @@ def initialize_from_flags() -> int:
   dry_run = 'dry_run' in FLAGS and FLAGS['dry_run'].value
   try:
     processes = initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                           FLAGS.process_id, connect=not dry_run)
+                           FLAGS.process_id, connect=not dry_run,
+                           timeout_s=FLAGS.initialization_timeout)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if processes > 1 and not dry_run and not is_main_process():

@@ -6,18 +6,22 @@ batch is [B, W]. Nothing here loops over users or slots, so everything jits and 
 
 Zero-size tasks take no time anywhere; a zero-workload task takes no compute time but
 still has to be transmitted when offloaded. An offloaded task with s > 0 and no
-bandwidth (or c s > 0 and no CPU) takes +inf and misses its deadline; never NaN.
+bandwidth (or c s > 0 and no CPU) takes +inf and misses its deadline; never NaN. The
+one NaN is deliberate: an impossible decision scored under jit (`invalid_slots`; eager
+calls raise ValueError instead), so that it can never pass for a valid number.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dynn_jax.config import Config
+from dynn_jax.config import Config, EnvParams, check_params, params_violation
 
 Array = jax.Array
 _LN2 = math.log(2.0)
@@ -197,13 +201,95 @@ def _weighted_sum(w: Array, take: Array, t: Array) -> Array:
   return jnp.where(take & (w > 0), w * t, 0.0).sum(-1)
 
 
+# Relative slack on the budgets: shares normalised in float32 sum to 1 within a few ulps.
+BUDGET_SLACK = 1e-4
+
+
+def _is_traced(*trees) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def check_decision_shapes(slots: Slots, decision: Decision) -> None:
+  """ValueError naming the field of a decision whose shape is not the slots' (leading
+  axes of its own allowed: several decisions for the same slots). Shapes are static,
+  so this holds under jit too: a one-slot decision is never broadcast over a batch."""
+  shape = tuple(np.broadcast_shapes(*(jnp.shape(a) for a in slots)))
+  for name, value in zip(Decision._fields, decision):
+    got = tuple(jnp.shape(value))
+    if len(got) < len(shape) or got[len(got) - len(shape):] != shape:
+      raise ValueError(f'decision.{name} has shape {got}; expected the slots\' shape '
+                       f'{shape}, optionally after leading axes of its own')
+
+
+def decision_violations(slots: Slots, decision: Decision, config: Config,
+                        t_inf_edge=0.0, t_inf_loc=0.0) -> list[tuple]:
+  """What makes a decision impossible, per rule: (field, limit name, limit, value,
+  violated), `violated` bool per slot [...] (the delays: as given). At offloaded real
+  users b and f must be >= 0 (a NaN is a violation) and sum within the budgets; the
+  inference delays must be >= 0."""
+  take = jnp.asarray(decision.x).astype(bool) & slots.mask
+  rules = []
+  for field, amount, limit_name in (('b', decision.b, 'b_max'), ('f', decision.f, 'f_ser')):
+    amount = jnp.asarray(amount)
+    lowest = jnp.where(take, amount, jnp.inf).min(-1)   # NaN if any share is NaN
+    rules.append((f'decision.{field}', None, 0.0, lowest, ~(lowest >= 0)))
+    total = jnp.where(take, amount, 0.0).sum(-1)
+    limit = getattr(config, limit_name)
+    rules.append((f'decision.{field}', limit_name, limit, total,
+                  total > limit * (1.0 + BUDGET_SLACK)))
+  for name, t in (('t_inf_edge', t_inf_edge), ('t_inf_loc', t_inf_loc)):
+    t = jnp.asarray(t)
+    rules.append((name, None, 0.0, t, ~(t >= 0)))
+  return rules
+
+
+def _raise_first_violation(rules: list[tuple]) -> None:
+  for field, limit_name, limit, value, violated in rules:
+    violated = np.asarray(violated)
+    if not violated.any():
+      continue
+    where = tuple(int(i) for i in np.argwhere(violated)[0])
+    found = np.broadcast_to(np.asarray(value), violated.shape)[where]
+    at = f' at slot {where}' if where else ''
+    if limit_name is None:
+      raise ValueError(f'slot_costs: {field} = {found:.6g}{at}; must be >= 0 (offloaded '
+                       'users\' resources, inference delays)')
+    raise ValueError(f'slot_costs: {field} sums to {found:.6g} over the offloaded users{at}; '
+                     f'must be <= {limit_name} = {float(np.max(limit)):.6g} (relative slack '
+                     f'{BUDGET_SLACK:g})')
+
+
+def invalid_slots(slots: Slots, decision: Decision, config: Config, t_inf_edge=0.0,
+                  t_inf_loc=0.0) -> Array | None:
+  """Where `slot_costs` cannot score the decision. Concrete inputs (eager calls) are
+  checked here: ValueError naming the field (ConfigError for EnvParams out of range),
+  and None. Traced ones cannot raise: a bool [...] (or scalar) marking the slots whose
+  objective is to be NaN, rather than a valid-looking number."""
+  check_decision_shapes(slots, decision)
+  rules = decision_violations(slots, decision, config, t_inf_edge, t_inf_loc)
+  params = config if isinstance(config, EnvParams) else None
+  if not _is_traced(slots, decision, t_inf_edge, t_inf_loc, params):
+    if params is not None:  # first: the budgets the rules compare with must be sane
+      check_params(params)
+    _raise_first_violation(rules)
+    return None
+  invalid = functools.reduce(jnp.logical_or, [rule[-1] for rule in rules])
+  return invalid if params is None else invalid | params_violation(params)
+
+
 def slot_costs(slots: Slots, decision: Decision, config: Config,
                t_inf_edge: Array | float = 0.0, t_inf_loc: Array | float = 0.0) -> Costs:
   """Every delay, energy, miss and the objective of SPEC section 1.
 
   `t_inf_edge` / `t_inf_loc` (s) are the inference delays seen by offloaded / local
   users; scalars or arrays broadcastable to the batch shape [...].
+
+  An impossible decision (`invalid_slots`: shapes other than the slots', negative or
+  NaN resources at offloaded users, more than the budgets, negative inference delays,
+  EnvParams out of MECConfig's ranges) raises ValueError when the inputs are concrete;
+  under jit it makes the slot's objective NaN.
   """
+  invalid = invalid_slots(slots, decision, config, t_inf_edge, t_inf_loc)
   mask = slots.mask
   x = jnp.asarray(decision.x).astype(bool) & mask
   t_tra, t_com = edge_delays(slots, decision.b, decision.f, config)
@@ -225,7 +311,8 @@ def slot_costs(slots: Slots, decision: Decision, config: Config,
   return Costs(
       t_tra=jnp.where(x, t_tra, 0.0), t_com=jnp.where(x, t_com, 0.0),
       t_loc=jnp.where(mask & ~x, t_loc, 0.0), t_inf=t_inf, delay=delay, energy=energy,
-      miss=miss, weight=w, cost=cost, objective=cost.sum(-1),
+      miss=miss, weight=w, cost=cost,
+      objective=cost.sum(-1) if invalid is None else jnp.where(invalid, jnp.nan, cost.sum(-1)),
       mean_delay=total_delay / n, miss_ratio=miss.sum(-1) / n,
       total_energy=energy.sum(-1), weighted_delay=weighted,
       inference_share=safe_div(t_inf.sum(-1), total_delay))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,12 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dynn_jax import delay as delay_model
 from dynn_jax import ops
 from dynn_jax.config import POSITIVE_INT, EnvParams, MECConfig, point_params, sweep_params
 from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
 from dynn_jax.batching import blocked
-from dynn_jax.models import (ModelConfig, Policy, Scheduler, StaticAllocator, allocate,
-                             exit_sorted_apply, moe_forward, option_to_kl, scheduler_context)
+from dynn_jax.models import (Allocation, ModelConfig, Policy, Scheduler, StaticAllocator,
+                             all_subnetworks, allocate, exit_sorted_apply, moe_forward,
+                             kl_to_option, option_to_kl, per_slot_forward, policy_context,
+                             scheduler_context)
 from dynn_jax.networks import Params
 from dynn_jax.runs import Progress
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
@@ -49,6 +53,9 @@ class Outcome(NamedTuple):
   t_inf_edge: Array   # [...] s
   t_inf_loc: Array    # [...] s
   ops: Array          # [...] counted ops run for the slot
+  # [...] the option index (k - 1) * L + (l - 1) each slot ran, for methods that pick
+  # one per slot (their results then hold the share of slots per exit, `pick_<k>_<l>`).
+  option: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +64,13 @@ class Setting:
   mec: MECConfig
   model: ModelConfig
   feature_config: MECConfig
-  delay: Any = None   # a dynn_jax.latency.MeasuredTable, or None for modelled delays
+  # The inference-delay model (`dynn_jax.delay`): delay.MODELLED (None means it too),
+  # delay.NONE, or a dynn_jax.latency.MeasuredTable.
+  delay: Any = None
 
   @property
   def mode(self) -> str:
-    return 'modelled' if self.delay is None else 'measured'
+    return delay_model.resolve(self.delay).mode
 
 
 # Methods that decide offloading and so need case 2 (users with CPUs).
@@ -96,26 +105,15 @@ def _restricted_choice(logits: Array, model: ModelConfig, fix: str) -> tuple[Arr
 def _pipeline_delays(setting: Setting, k, l, x: Array, slots: Slots, policy: bool,
                      static: bool = False) -> tuple[Array, Array, Array]:
   """(t_inf_edge, t_inf_loc, ops) of the network pipeline that decided the slot."""
-  model, mec = setting.model, setting.mec
   n_off, n_users = x.sum(-1), slots.mask.sum(-1)
-  scheduler = mec.case == 2
-  sched_ops = ops.scheduler_ops(model, n_users) if scheduler else 0.0
-  if static:
-    net_ops = ops.static_ops(model, n_off) + sched_ops
-  else:
-    net_ops = ops.allocation_ops(model, k, l, n_off) + sched_ops
-    if policy:
-      net_ops = net_ops + ops.policy_ops(model)
-  if setting.delay is not None:
-    edge, loc = setting.delay.pipeline(k, l, policy=policy, scheduler=scheduler,
-                                       static=static)
-    return jnp.broadcast_to(edge, n_off.shape), jnp.broadcast_to(loc, n_off.shape), net_ops
-  if static:
-    d = ops.static_inference_delays(model, mec, n_off, n_users, scheduler=scheduler)
-  else:
-    d = ops.inference_delays(model, mec, k, l, n_off, n_users, scheduler=scheduler,
-                             policy=policy)
-  return d.edge, d.loc, net_ops
+  scheduler = setting.mec.case == 2
+  net_ops = ops.pipeline_ops(setting.model, k, l, n_off, n_users, policy=policy,
+                             scheduler=scheduler, static=static)
+  d = delay_model.resolve(setting.delay).pipeline(
+      setting.model, setting.mec, k, l, n_off, n_users, policy=policy, scheduler=scheduler,
+      static=static)
+  return (jnp.broadcast_to(d.edge, n_off.shape), jnp.broadcast_to(d.loc, n_off.shape),
+          net_ops)
 
 
 def _moe_method(fix: str, use_policy: bool):
@@ -125,7 +123,8 @@ def _moe_method(fix: str, use_policy: bool):
     x = _scheduler_x(setting, params, feats, slots)
     batch = slots.mask.shape[:-1]
     if use_policy:
-      logits = Policy(model).apply({'params': params.policy}, feats, x)
+      context = policy_context(model, setting.mec, setting.feature_config)
+      logits = Policy(model).apply({'params': params.policy}, feats, x, context)
       k, l = _restricted_choice(logits, model, fix)
     else:
       k = jnp.full(batch, model.num_experts, jnp.int32)
@@ -137,8 +136,63 @@ def _moe_method(fix: str, use_policy: bool):
       out = blocked(lambda f, m: moe_forward(model, variables, f, m, model.num_experts,
                                              model.max_depth))(feats, x)
     edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=use_policy)
+    option = kl_to_option(k, l, model) if use_policy else None
+    return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops, option)
+  return run
+
+
+def _exit_method(k: int, l: int):
+  """One sub-network (k, l) for every slot: its per-slot path (only k experts, l layers),
+  block by block; no policy runs."""
+  def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+    model = setting.model
+    feats = normalized_features(slots, setting.feature_config)
+    x = _scheduler_x(setting, params, feats, slots)
+    variables = {'params': params.allocator}
+    out = blocked(lambda f, m: per_slot_forward(model, k, l, variables, f, m))(feats, x)
+    edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=False)
     return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
   return run
+
+
+def exit_objectives(setting: Setting, out: Allocation, x: Array, slots: Slots,
+                    policy: bool = True) -> tuple[Array, Array, Array]:
+  """Slot objective [..., K, L] of every exit's allocation `out` (leaves [K, L, ...]),
+  each with its own inference delay (a policy's pipeline when `policy`), and those
+  delays (edge [..., K, L], loc [...])."""
+  model = setting.model
+  table = delay_model.table(setting.delay, model, setting.mec, x.sum(-1),
+                            slots.mask.sum(-1), policy=policy,
+                            scheduler=setting.mec.case == 2)
+  t_edge = jnp.moveaxis(table.edge, (-2, -1), (0, 1))              # [K, L, ...]
+  decision = allocate(out, x, setting.mec)
+  objective = slot_costs(slots, decision, setting.mec, t_edge, table.loc).objective
+  return jnp.moveaxis(objective, (0, 1), (-2, -1)), table.edge, table.loc
+
+
+def _hindsight(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  """Per slot, the exit whose objective (its inference delay included, with a policy's
+  cost) is lowest after trying all of them: the best any policy over these networks
+  can do on these slots."""
+  model = setting.model
+  feats = normalized_features(slots, setting.feature_config)
+  x = _scheduler_x(setting, params, feats, slots)
+  variables = {'params': params.allocator}
+
+  def best(f, m, s):
+    out = all_subnetworks(model, variables, f, m)                    # leaves [K, L, b, ...]
+    objective, _, _ = exit_objectives(setting, out, m, s)
+    option = jnp.argmin(objective.reshape(objective.shape[:-2] + (-1,)), -1)
+    flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out._replace(gate=None))
+    pick = lambda a: jnp.take_along_axis(
+        a, option[None, :, None], 0)[0] if a is not None else None
+    return pick(flat.b_share), pick(flat.f_share), option
+
+  b_share, f_share, option = blocked(best)(feats, x, slots)
+  k, l = option_to_kl(option, model)
+  decision = Decision(x=x, b=b_share * setting.mec.b_max, f=f_share * setting.mec.f_ser)
+  edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=True)
+  return Outcome(decision, edge, loc, n_ops, option)
 
 
 def _static(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
@@ -161,9 +215,9 @@ def _own_time(setting: Setting, method: str, slots: Slots) -> Array:
   """A solver method's own run time per slot [...]: its inference delay in measured
   mode, 0 in modelled mode."""
   zeros = _zeros(slots)
-  if setting.delay is None or method not in TIMED_SOLVERS:
+  if method not in TIMED_SOLVERS:
     return zeros
-  return setting.delay.solver(TIMED_SOLVERS[method], zeros)
+  return delay_model.resolve(setting.delay).solver(TIMED_SOLVERS[method], zeros)
 
 
 def _solver_method(method: str, offload: Callable, allocate_fn: Callable):
@@ -217,18 +271,45 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'ga': _ga,
     'oracle': _oracle,
     'exhaustive': _exhaustive,
+    'hindsight': _hindsight,
 }
+EXIT_PATTERN = re.compile(r'exit_(\d+)_(\d+)')
 
 
-def _problem(name: str, params: Params, mec: MECConfig) -> str | None:
+def parse_exit(name: str) -> tuple[int, int] | None:
+  """(k, l) of a method name 'exit_<k>_<l>', or None for any other name."""
+  match = EXIT_PATTERN.fullmatch(name)
+  return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def method(name: str) -> Callable[[Setting, Array, Slots, Params], Outcome]:
+  """The method of a name: one of METHODS, or 'exit_<k>_<l>' (that sub-network for
+  every slot; its range is checked by `check_methods`)."""
+  kl = parse_exit(name)
+  if kl is not None:
+    return _exit_method(*kl)
+  return METHODS[name]
+
+
+def is_method(name: str) -> bool:
+  return name in METHODS or parse_exit(name) is not None
+
+
+def _problem(name: str, params: Params, mec: MECConfig, model: ModelConfig | None = None
+             ) -> str | None:
   """Why `name` cannot run with these networks on this system, or None."""
+  kl = parse_exit(name)
+  if kl is not None and model is not None and not (
+      1 <= kl[0] <= model.num_experts and 1 <= kl[1] <= model.max_depth):
+    return (f'method {name!r}: exit (k, l) = {kl} is outside the networks\' range k = '
+            f'1..{model.num_experts}, l = 1..{model.max_depth}')
   if name == 'pmrl' and mec.case != 2:
     return "method 'pmrl' is the case-2 pipeline; use 'policy_moe' in case 1"
   if name in OFFLOADING_METHODS and mec.case != 2:
     return f'method {name!r} decides offloading: it needs case 2'
   if name == 'exhaustive' and mec.width > 12:
     return f"method 'exhaustive' needs N_max <= 12, got {mec.width}"
-  needs = NEEDS.get(name, ())
+  needs = NEEDS.get(name, ('allocator',) if kl is not None or name == 'hindsight' else ())
   if needs and mec.case == 2:  # every network pipeline offloads with the scheduler
     needs = needs + ('scheduler',) * ('scheduler' not in needs)
   missing = [n for n in needs if getattr(params, n) is None]
@@ -239,15 +320,16 @@ def _problem(name: str, params: Params, mec: MECConfig) -> str | None:
 
 def check_methods(names, params: Params, setting: Setting) -> None:
   """Unknown names, missing networks and impossible choices fail before any work."""
-  unknown = [name for name in names if name not in METHODS]
+  unknown = [name for name in names if not is_method(name)]
   if unknown:
-    raise ValueError(f'unknown method(s) {unknown}; known: {sorted(METHODS)}')
+    raise ValueError(f'unknown method(s) {unknown}; known: {sorted(METHODS)} and '
+                     'exit_<k>_<l> (one sub-network for every slot, e.g. exit_1_1)')
   for name in names:
-    problem = _problem(name, params, setting.mec)
+    problem = _problem(name, params, setting.mec, setting.model)
     if problem:
       raise ValueError(problem)
     solver = TIMED_SOLVERS.get(name)
-    if setting.delay is not None and solver is not None:
+    if setting.mode == 'measured' and solver is not None:
       timed = dict(setting.delay.solvers_s)
       if solver not in timed:
         raise ValueError(
@@ -333,18 +415,34 @@ class EvalResult:
 # Key of the objective's lower bound among a chunk's sums (present when 'oracle' runs).
 BOUND = '_bound'
 METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_delay',
-           'inference_share', 'ops', 'offload_ratio')
+           'weighted_service', 'inference_share', 'ops', 'offload_ratio')
 
 
 def _slot_metrics(setting: Setting, outcome: Outcome, slots: Slots) -> dict[str, Array]:
   costs = slot_costs(slots, outcome.decision, setting.mec, outcome.t_inf_edge,
                      outcome.t_inf_loc)
   n = jnp.maximum(slots.mask.sum(-1), 1)
-  return {'objective': costs.objective, 'mean_delay': costs.mean_delay,
-          'miss_ratio': costs.miss_ratio, 'total_energy': costs.total_energy,
-          'weighted_delay': costs.weighted_delay, 'inference_share': costs.inference_share,
-          'ops': jnp.asarray(outcome.ops, costs.objective.dtype),
-          'offload_ratio': (outcome.decision.x & slots.mask).sum(-1) / n}
+  metrics = {'objective': costs.objective, 'mean_delay': costs.mean_delay,
+             'miss_ratio': costs.miss_ratio, 'total_energy': costs.total_energy,
+             'weighted_delay': costs.weighted_delay,
+             # The paper's Fig. 4 with inference delay: sum_i w_i (T_inf + T_tra + T_com).
+             'weighted_service': costs.weighted_delay + jnp.where(
+                 outcome.decision.x & slots.mask & (costs.weight > 0),
+                 costs.weight * costs.t_inf, 0.0).sum(-1),
+             'inference_share': costs.inference_share,
+             'ops': jnp.asarray(outcome.ops, costs.objective.dtype),
+             'offload_ratio': (outcome.decision.x & slots.mask).sum(-1) / n}
+  if outcome.option is not None:
+    model = setting.model
+    for option in range(model.num_options):
+      k, l = option // model.max_depth + 1, option % model.max_depth + 1
+      metrics[pick_metric(k, l)] = (outcome.option == option).astype(costs.objective.dtype)
+  return metrics
+
+
+def pick_metric(k: int, l: int) -> str:
+  """The metric holding the share of slots on which a method ran exit (k, l)."""
+  return f'pick_{k}_{l}'
 
 
 def batch_mesh() -> Mesh:
@@ -423,7 +521,7 @@ def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Par
     out[BOUND] = {'objective': sums(lower_bound(setting, trimmed))}
   for i, name in enumerate(names):
     seen = slots if name in FULL_WIDTH_METHODS else trimmed
-    outcome = METHODS[name](setting, jax.random.fold_in(k_methods, i), seen, params)
+    outcome = method(name)(setting, jax.random.fold_in(k_methods, i), seen, params)
     metrics = _slot_metrics(setting, outcome, seen)
     out[name] = {m: sums(v) for m, v in metrics.items()}
   return out

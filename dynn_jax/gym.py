@@ -27,9 +27,14 @@ wrap them in `jax.jit` / `jax.vmap` as they are.
   is ignored and every real user offloads. Shares are taken at the offloaded users only
   (elsewhere ignored), negative values count as 0, and they are normalised to sum to 1
   over the offloaded users; all-zero shares there give the equal split. Then
-  b = b_share * params.b_max and f = f_share * params.f_ser. Shares must be finite. An
+  b = b_share * params.b_max and f = f_share * params.f_ser. Shares must be finite: a
+  NaN or infinite share is refused (ValueError) when the action is concrete (an eager
+  call), and under jit a non-finite share at an offloaded user gives a NaN reward, never
+  one as good as a valid action's (it used to fall back to the equal split). An
   offloaded user left with a zero share while others have some gets no bandwidth (or
   CPU): its delay, and so the reward, is infinite, as `slot_costs` defines it.
+* Params: `EnvParams.replace` checks concrete values against MECConfig's ranges; params
+  out of range under jit give a NaN reward (`slot_costs`), never a valid-looking one.
 * Reward: minus `slot_costs(slots, Decision(x, b, f), params).objective`, with no
   inference delay (the environment does not know how long the agent thought; add it
   with `slot_costs(state.slots, ..., t_inf_edge, t_inf_loc)` if it matters). `info`
@@ -58,6 +63,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from dynn_jax.config import EnvParams, MECConfig
@@ -97,13 +103,16 @@ def split_obs(obs: Array) -> tuple[Array, Array]:
 
 
 def normalize_shares(share: Array, x: Array) -> Array:
-  """Non-negative shares summing to 1 over `x` (equal split if all are 0), 0 elsewhere."""
+  """Non-negative shares summing to 1 over `x` (equal split if all are 0), 0 elsewhere;
+  NaN over `x` where a share there is NaN or infinite (not the equal split: that would
+  score a broken action as a valid one)."""
   share = jnp.where(x, jnp.maximum(share, 0.0), 0.0)
   total = share.sum(-1, keepdims=True)
   count = x.sum(-1, keepdims=True).astype(share.dtype)
   equal = jnp.where(x, 1.0 / jnp.maximum(count, 1.0), 0.0)
   # The safe denominator keeps gradients finite on the equal-split branch.
-  return jnp.where(total > 0, share / jnp.where(total > 0, total, 1.0), equal)
+  shares = jnp.where(total > 0, share / jnp.where(total > 0, total, 1.0), equal)
+  return jnp.where(jnp.isfinite(total), shares, jnp.where(x, jnp.nan, 0.0))
 
 
 class MECEnv:
@@ -246,6 +255,11 @@ class MECEnv:
       if not jnp.issubdtype(value.dtype, jnp.floating):
         raise TypeError(f'{self.name}: action.{field} has dtype {value.dtype}; expected '
                         'a float dtype')
+      # Values only where they are concrete; under jit a non-finite share gives a NaN
+      # reward (`normalize_shares`).
+      if not isinstance(value, jax.core.Tracer) and not np.isfinite(np.asarray(value)).all():
+        raise ValueError(f'{self.name}: action.{field} holds {np.asarray(value).tolist()}; '
+                         'shares must be finite')
     return x != 0, b_share, f_share
 
   def _params(self, params) -> EnvParams:

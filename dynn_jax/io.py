@@ -48,9 +48,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
   """Writes to a temporary file in the same folder, fsyncs, then renames over `path`.
 
   The temporary file is named '.' + basename + '.' + 8 random characters
-  (`is_temporary`): a run directory removes the ones a killed writer left.
+  (`is_temporary`): a run directory removes the ones a killed writer left. A symlink
+  is written through: the rename replaces its target (in the target's folder), so the
+  link stays a link and whatever else reads the target sees the new content.
   """
-  folder = os.path.dirname(os.path.abspath(path))
+  path = os.path.realpath(path)
+  folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.')
   try:
@@ -201,34 +204,42 @@ def read_json(path: str, what: str = 'file') -> Any:
 
 
 def append_jsonl(path: str, record: dict) -> None:
-  """One metrics record per line; a line is written whole or not at all by one write()."""
-  line = json.dumps(record, sort_keys=True, default=_jsonable) + '\n'
+  """One metrics record per line; a line is written whole or not at all by one write().
+  Strict JSON like every other file: NonFiniteError names the key of a NaN or infinity
+  before anything is written (a bare NaN would make the line unreadable to strict
+  readers, and the run's own resume would drop it)."""
+  try:
+    plain = to_plain(record)
+  except NonFiniteError as e:
+    raise NonFiniteError(f'not logging to {path}: {e}') from None
+  line = json.dumps(plain, sort_keys=True, allow_nan=False) + '\n'
   with open(path, 'a') as f:
     f.write(line)
     f.flush()
 
 
-def _jsonable(value):
-  if hasattr(value, 'tolist'):
-    return value.tolist()
-  raise TypeError(f'cannot write {type(value).__name__} as JSON')
-
-
 def cached_json(path: str, compute: Callable[[], Any], label: str,
-                valid: Callable[[Any], bool] | None = None, schema: Any = None) -> Any:
+                valid: Callable[[Any], bool] | None = None, schema: Any = None,
+                stale: Callable[[Any], str | None] | None = None) -> Any:
   """The JSON at `path` if it exists (and passes `valid`), else `compute()` written
   atomically: a killed study resumes without redoing finished parts.
 
-  A file read back is checked against `schema` (`check_schema`): a damaged or foreign
-  part is refused with the field named, never reported.
+  `stale`, instead of `valid`, says why a value read back must be recomputed (None: it
+  is current), and the message printed says so. A file read back is checked against
+  `schema` (`check_schema`): a damaged or foreign part is refused with the field named,
+  never reported.
   """
   if os.path.exists(path):
     value = read_json(path, label)
-    if valid is None or valid(value):
+    if stale is not None:
+      reason = stale(value)
+    else:
+      reason = None if valid is None or valid(value) else 'was made with other settings'
+    if reason is None:
       if schema is not None:
         check_schema(value, schema, f'{label} {path}')
       return value
-    print(f'{label} at {path} was made with other settings: recomputing', flush=True)
+    print(f'{label} at {path} {reason}: recomputing', flush=True)
   print(f'computing {label}', flush=True)
   value = compute()
   write_json_atomic(path, value)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynn_jax.config import MECConfig
+from dynn_jax.delay import InferenceDelay
 from dynn_jax.io import read_json
 from dynn_jax.models import ModelConfig
 
@@ -48,12 +49,18 @@ class MeasuredTable:
   solvers_s: tuple[tuple[str, float], ...]
   device: tuple[tuple[str, str], ...]
 
-  def pipeline(self, k, l, *, policy: bool, scheduler: bool, static: bool = False):
-    """(T_inf_edge, T_inf_loc) in s for the networks run; k, l may be traced arrays.
+  mode = 'measured'
+
+  def pipeline(self, model, mec, k, l, n_offloaded, n_users=None, *, policy: bool = True,
+               scheduler: bool | None = None, static: bool = False):
+    """(T_inf_edge, T_inf_loc) in s for the networks run (`dynn_jax.delay`'s interface:
+    the counts of users do not change a measured time, which was taken at the padded
+    width); k, l may be traced arrays, and the result has their shape and n_offloaded's.
 
     Concrete k, l outside 1..K, 1..L raise: indexing would clamp or wrap them into
     another exit's time. Traced ones come from the policy, which only picks valid exits.
     """
+    scheduler = mec.case == 2 if scheduler is None else scheduler
     sched = self.scheduler_s if scheduler else 0.0
     if static:
       edge = jnp.asarray(self.static_s)
@@ -63,8 +70,10 @@ class MeasuredTable:
         _check_exit(name, value, top)
       table = jnp.asarray(self.allocator_s)
       edge = table[jnp.asarray(k) - 1, jnp.asarray(l) - 1]
-    edge = edge + sched + (self.policy_s if policy else 0.0)
-    return edge, jnp.asarray(sched)
+    edge = edge + sched + (self.policy_s if policy and not static else 0.0)
+    shape = jnp.broadcast_shapes(jnp.shape(edge), jnp.shape(n_offloaded))
+    return InferenceDelay(jnp.broadcast_to(edge, shape),
+                          jnp.broadcast_to(jnp.asarray(sched, edge.dtype), shape))
 
   def solver(self, name: str, zeros):
     """A solver's own measured run time per slot; a solver the table lacks raises (a
@@ -147,11 +156,19 @@ def load_table(path: str, model: ModelConfig, mec: MECConfig,
     raise ValueError(f'latency table {path}: not a format-{TABLE_FORMAT} latency table')
   table = from_dict(data, path)
   shape = (len(table.allocator_s), len(table.allocator_s[0]))
+  if shape[0] < model.num_experts or shape[1] < model.max_depth:
+    missing = ((shape[0] + 1, 1) if shape[0] < model.num_experts else (1, shape[1] + 1))
+    raise ValueError(f'latency table {path} has no exit k = {missing[0]}, l = {missing[1]}: '
+                     f'it has {shape[0]} x {shape[1]} exits; the model has K x L = '
+                     f'{model.num_experts} x {model.max_depth}')
   if shape != (model.num_experts, model.max_depth):
     raise ValueError(f'latency table {path} has {shape[0]} x {shape[1]} exits; the model '
                      f'has K x L = {model.num_experts} x {model.max_depth}')
-  trained_for = {k: data.get('model', {}).get(k) for k in ('num_experts', 'max_depth', 'width',
-                                                           'static_width')}
+  # The fields that change the work an exit does (tables written before expert_context
+  # existed were measured without it).
+  measured_for = {'expert_context': False, **data.get('model', {})}
+  trained_for = {k: measured_for.get(k) for k in ('num_experts', 'max_depth', 'width',
+                                                  'static_width', 'expert_context')}
   wrong = sorted(k for k, v in trained_for.items() if v != getattr(model, k))
   if wrong:
     raise ValueError(f'latency table {path} was measured for another model: fields {wrong}')

@@ -140,10 +140,26 @@ class ModelConfig(ConfigBase):
   # the same users whatever the server's capacity, and at a slow server that is worse
   # than running everything locally.
   scheduler_context: str = 'none'
+  # One pair of output heads per depth (early-exit networks' per-exit heads) instead of
+  # one pair that every depth reads: with shared heads a depth-1 exit reads its layer
+  # through heads that the deeper exits also train, and the two pull them apart.
+  depth_heads: bool = False
+  # System inputs of the policy besides the pooled summary (SCHEDULER_CONTEXTS' choices):
+  # with 'server_cpu' it reads log(f_ser / f_ser of the features' system), which sets
+  # what every exit's modelled inference delay costs.
+  policy_context: str = 'none'
+  # Each user's expert input also holds the slot's pooled summary z (the gate's input):
+  # the allocation that is best for a user depends on the other users (the budgets'
+  # prices, which late users can still be rescued), which a per-user MLP can otherwise
+  # only see through the gate's mixing weights. The static baseline reads it too.
+  expert_context: bool = False
 
   def __post_init__(self):
     check_ranges(self, _MODEL_RANGES)
     check_choice(self, 'gate_noise', (True, False))
+    check_choice(self, 'depth_heads', (True, False))
+    check_choice(self, 'expert_context', (True, False))
+    check_choice(self, 'policy_context', tuple(SCHEDULER_CONTEXTS))
     check_choice(self, 'scheduler_context', tuple(SCHEDULER_CONTEXTS))
 
   @classmethod
@@ -158,19 +174,33 @@ class ModelConfig(ConfigBase):
   @property
   def expert_dims(self) -> tuple[tuple[int, int], ...]:
     """(D_in, D_out) of each expert layer, first to last."""
-    return _mlp_dims(self.width, self.max_depth)
+    return _mlp_dims(self.expert_inputs, self.width, self.max_depth)
 
   @property
   def static_dims(self) -> tuple[tuple[int, int], ...]:
-    return _mlp_dims(self.static_width, self.max_depth)
+    return _mlp_dims(self.expert_inputs, self.static_width, self.max_depth)
+
+  @property
+  def expert_inputs(self) -> int:
+    """Inputs per user of an expert's (and the static network's) first layer."""
+    return NUM_FEATURES + (POOLED_DIM if self.expert_context else 0)
 
 
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _mlp_dims(width: int, depth: int) -> tuple[tuple[int, int], ...]:
-  return ((NUM_FEATURES, width),) + ((width, width),) * (depth - 1)
+def _mlp_dims(inputs: int, width: int, depth: int) -> tuple[tuple[int, int], ...]:
+  return ((inputs, width),) + ((width, width),) * (depth - 1)
+
+
+def expert_input(config: ModelConfig, features: Array, z: Array) -> Array:
+  """Each user's input to the experts: its features, and with `expert_context` the
+  slot's pooled summary z [..., 11] beside them."""
+  if not config.expert_context:
+    return features
+  z = jnp.broadcast_to(z[..., None, :], features.shape[:-1] + z.shape[-1:])
+  return jnp.concatenate([features, z.astype(features.dtype)], -1)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -319,9 +349,16 @@ def _expert_layers(layers, x: Array, config: ModelConfig) -> list[Array]:
   return [h.reshape((h.shape[0],) + x.shape[:-1] + (h.shape[-1],)) for h in outs]
 
 
-def _heads(p: dict, y: Array, mask: Array, gate: Array | None) -> Allocation:
-  b_logits = jnp.where(mask, y @ p['head_b_kernel'], 0.0)
-  f_logits = jnp.where(mask, y @ p['head_f_kernel'], 0.0)
+def _heads(p: dict, y: Array, mask: Array, gate: Array | None, l=None) -> Allocation:
+  """Both heads on y [..., W, H]; with per-depth heads (kernels [L, H]) the kernels of
+  depth `l` (an int, or int32 [...] per slot)."""
+  def head(kernel):
+    if kernel.ndim == 1:
+      return y @ kernel
+    kernel = kernel[jnp.clip(jnp.asarray(l) - 1, 0, kernel.shape[0] - 1)]  # [..., H]
+    return jnp.einsum('...wh,...h->...w', y, kernel)
+  b_logits = jnp.where(mask, head(p['head_b_kernel']), 0.0)
+  f_logits = jnp.where(mask, head(p['head_f_kernel']), 0.0)
   return Allocation(b_logits, f_logits, masked_softmax(b_logits, mask),
                     masked_softmax(f_logits, mask), gate)
 
@@ -373,13 +410,13 @@ def moe_forward(config: ModelConfig, variables: dict, features: Array, offload_m
   h = _gate_logits(p, z, noise_key, config)
   gate = masked_softmax(h, top_k_mask(h, k))
   layers = [(p[kn], p[bn]) for kn, bn in _layer_names(config.max_depth)]
-  outs = _expert_layers(layers, features, config)       # each [E, ..., W, H]
+  outs = _expert_layers(layers, expert_input(config, features, z), config)  # [E, ..., W, H]
   depth = l[None, ..., None, None]
   chosen = outs[0]
   for i, out in enumerate(outs[1:], start=2):
     chosen = jnp.where(depth == i, out, chosen)  # where: no gradient to deeper layers
   y = jnp.einsum('...e,e...wh->...wh', gate, chosen)
-  return _poison(_heads(p, y, offload_mask, gate), valid)
+  return _poison(_heads(p, y, offload_mask, gate, l), valid)
 
 
 class MoEAllocator(nn.Module):
@@ -388,7 +425,7 @@ class MoEAllocator(nn.Module):
   features [..., W, 5] (normalized_features), offload_mask bool [..., W] (offloaded and
   real). Parameters: gate_kernel [11, K], noise_kernel [11, K] (if gate_noise),
   layer{i}_kernel [K, D_in, width] and layer{i}_bias [K, width] for i = 1..L,
-  head_b_kernel and head_f_kernel [width].
+  head_b_kernel and head_f_kernel [width] ([L, width] with `depth_heads`).
   """
   config: ModelConfig
 
@@ -406,8 +443,9 @@ class MoEAllocator(nn.Module):
     for (kn, bn), (d_in, d_out) in zip(_layer_names(config.max_depth), config.expert_dims):
       p[kn] = self.param(kn, _expert_init(), (K, d_in, d_out))
       p[bn] = self.param(bn, nn.initializers.zeros, (K, d_out))
+    heads = (config.max_depth, width) if config.depth_heads else (width,)
     for name in ('head_b_kernel', 'head_f_kernel'):
-      p[name] = self.param(name, _vector_init(width), (width,))
+      p[name] = self.param(name, _vector_init(width), heads)
     return moe_forward(config, p, features, offload_mask, k, l, noise_key)
 
 
@@ -432,8 +470,9 @@ def _per_slot_one(config: ModelConfig, k: int, l: int, p: dict, features: Array,
   weights = jax.nn.softmax(top)
   gate = jnp.zeros_like(h).at[idx].set(weights)
   layers = [(p[kn][idx], p[bn][idx]) for kn, bn in _layer_names(l)]
-  y = jnp.einsum('e,ewh->wh', weights, _expert_layers(layers, features, config)[-1])
-  return _heads(p, y, mask, gate)
+  y = jnp.einsum('e,ewh->wh', weights,
+                 _expert_layers(layers, expert_input(config, features, z), config)[-1])
+  return _heads(p, y, mask, gate, l)
 
 
 def per_slot_forward(config: ModelConfig, k: int, l: int, variables: dict, features: Array,
@@ -634,7 +673,8 @@ class StaticAllocator(nn.Module):
       layers.append((kernel[None], bias[None]))  # an expert stack of one
     p = {name: self.param(name, _vector_init(config.static_width), (config.static_width,))
          for name in ('head_b_kernel', 'head_f_kernel')}
-    y = _expert_layers(layers, features, config)[-1][0]
+    z = pool_offloaded(features, offload_mask, config.max_users)
+    y = _expert_layers(layers, expert_input(config, features, z), config)[-1][0]
     return _heads(p, y, offload_mask, None)
 
 
@@ -646,20 +686,52 @@ class SchedulerOutput(NamedTuple):
   prob: Array    # [..., W] offload probability, 0 for padded users
 
 
-def scheduler_context(config: ModelConfig, mec, reference) -> Array:
-  """The scheduler's system inputs [C] (C = 0 for the paper's scheduler): the log of each
-  field of SCHEDULER_CONTEXTS relative to its value in `reference`, the system the
+def system_context(choice: str, mec, reference) -> Array:
+  """A network's system inputs [C] (C = 0 for 'none'): the log of each field of
+  SCHEDULER_CONTEXTS[choice] relative to its value in `reference`, the system the
   features are normalised by, so 0 there. `mec` is a MECConfig or EnvParams (scalar
   leaves, or leaves with a batch shape [...] giving [..., C])."""
-  fields = SCHEDULER_CONTEXTS[config.scheduler_context]
+  fields = SCHEDULER_CONTEXTS[choice]
   if not fields:
     return jnp.zeros((0,))
   return jnp.stack([jnp.log(jnp.asarray(getattr(mec, name)) / getattr(reference, name))
                     for name in fields], -1)
 
 
+def scheduler_context(config: ModelConfig, mec, reference) -> Array:
+  """The scheduler's system inputs (`system_context` of `config.scheduler_context`)."""
+  return system_context(config.scheduler_context, mec, reference)
+
+
+def policy_context(config: ModelConfig, mec, reference) -> Array:
+  """The policy's system inputs (`system_context` of `config.policy_context`)."""
+  return system_context(config.policy_context, mec, reference)
+
+
+def _with_context(name: str, inputs: Array, choice: str, context) -> Array:
+  """`inputs` [..., D] with the context [C] or [..., C] appended on the last axis
+  (broadcast over the axes it lacks); None means zeros (the features' own system)."""
+  extra = len(SCHEDULER_CONTEXTS[choice])
+  if not extra:
+    return inputs
+  context = (jnp.zeros((extra,), inputs.dtype) if context is None
+             else jnp.asarray(context, inputs.dtype))
+  if context.shape[-1:] != (extra,):
+    raise ValueError(f'{name} context: shape {context.shape}, expected [..., {extra}] '
+                     f'({choice!r})')
+  if context.ndim > 1 and context.ndim < inputs.ndim:
+    context = context.reshape(context.shape[:-1] + (1,) * (inputs.ndim - context.ndim)
+                              + context.shape[-1:])
+  context = jnp.broadcast_to(context, inputs.shape[:-1] + (extra,))
+  return jnp.concatenate([inputs, context], -1)
+
+
 def scheduler_inputs(config: ModelConfig) -> int:
   return NUM_FEATURES + len(SCHEDULER_CONTEXTS[config.scheduler_context])
+
+
+def policy_inputs(config: ModelConfig) -> int:
+  return POOLED_DIM + len(SCHEDULER_CONTEXTS[config.policy_context])
 
 
 class Scheduler(nn.Module):
@@ -677,24 +749,20 @@ class Scheduler(nn.Module):
   def __call__(self, features, user_mask, context=None) -> SchedulerOutput:
     config = self.config
     features, user_mask = check_inputs(config, features, user_mask, 'user_mask')
-    extra = len(SCHEDULER_CONTEXTS[config.scheduler_context])
-    if extra:
-      context = (jnp.zeros((extra,), features.dtype) if context is None
-                 else jnp.asarray(context, features.dtype))
-      if context.shape[-1:] != (extra,):
-        raise ValueError(f'Scheduler context: shape {context.shape}, expected [..., {extra}] '
-                         f'(scheduler_context={config.scheduler_context!r})')
-      context = jnp.broadcast_to(context[..., None, :], features.shape[:-1] + (extra,))
-      features = jnp.concatenate([features, context], -1)
+    if context is not None and jnp.ndim(context) > 1:
+      context = jnp.asarray(context)[..., None, :]   # a slot's context, for its users
+    features = _with_context('Scheduler', features, config.scheduler_context, context)
     h = _act(nn.Dense(config.scheduler_hidden, name='hidden')(features), config)
     logits = nn.Dense(1, name='out')(h)[..., 0]
     return SchedulerOutput(logits, jnp.where(user_mask, jax.nn.sigmoid(logits), 0.0))
 
 
 class Policy(nn.Module):
-  """MLP (pooled z -> policy_hidden -> K * L) over the offloaded users' features.
+  """MLP (pooled z [+ context] -> policy_hidden -> K * L) over the offloaded users'
+  features.
 
-  `__call__(features, offload_mask) -> logits [..., K * L]`, option = (k-1) * L + (l-1),
+  `__call__(features, offload_mask, context=None) -> logits [..., K * L]` (context: see
+  `policy_context`; None means the features' own system), option = (k-1) * L + (l-1),
   so `logits.reshape(..., K, L)[k - 1, l - 1]` is option (k, l). Reads the same pooled
   summary as the gate (`pool_offloaded`). Parameters: hidden/{kernel, bias},
   out/{kernel, bias}.
@@ -702,10 +770,11 @@ class Policy(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, features, offload_mask) -> Array:
+  def __call__(self, features, offload_mask, context=None) -> Array:
     config = self.config
     features, offload_mask = check_inputs(config, features, offload_mask)
     z = pool_offloaded(features, offload_mask, config.max_users)
+    z = _with_context('Policy', z, config.policy_context, context)
     h = _act(nn.Dense(config.policy_hidden, name='hidden')(z), config)
     return nn.Dense(config.num_options, name='out')(h)
 

@@ -116,3 +116,26 @@ def load_networks(path: str, expect_mec: MECConfig | None = None,
                            f'{want.to_dict()[k]!r})' for k in diff))
   params = Params(**{k: jax.tree.map(jnp.asarray, v) for k, v in payload['params'].items()})
   return params, mec, model, meta
+
+
+# ModelConfig fields that shape the allocators (the DyNN and the static network): two
+# configs equal on these can share trained allocators whatever their policy or scheduler.
+ALLOCATOR_FIELDS = ('num_experts', 'max_depth', 'width', 'static_width', 'leaky_slope',
+                    'gate_noise', 'max_users', 'depth_heads', 'expert_context')
+
+
+def load_allocators(path: str, model: ModelConfig, loss: str) -> tuple[Any, Any]:
+  """(allocator, static) parameters of a networks file, for a run that trains only the
+  policy (and scheduler) over them: the file's allocator fields of ModelConfig and its
+  loss must be this run's (ValueError naming what differs)."""
+  params, _, trained, meta = load_networks(path)
+  diff = [f'{k} (file {getattr(trained, k)!r}, here {getattr(model, k)!r})'
+          for k in ALLOCATOR_FIELDS if getattr(trained, k) != getattr(model, k)]
+  if diff:
+    raise ValueError(f'{path}: its allocators were built for another model: ' + ', '.join(diff))
+  if trained_loss(meta) != loss:
+    raise ValueError(f'{path} was trained with loss={trained_loss(meta)!r}; this run has '
+                     f'loss={loss!r}')
+  if params.allocator is None:
+    raise ValueError(f'{path} holds no trained allocator')
+  return params.allocator, params.static

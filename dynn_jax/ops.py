@@ -14,9 +14,10 @@ Per slot, with n offloaded users (n_offloaded) and N real users (n_users):
 * static baseline: its L layers and two heads per offloaded user;
 * scheduler: per-user MLP on every real user (N); policy: once per slot.
 
-T_inf_edge = scheduler + policy + allocation(k, l); T_inf_loc = scheduler only
-(`inference_delays`). In case 1 no scheduler runs (every task is offloaded); the
-Fix-* baselines run no policy: both are flags.
+T_inf_edge = scheduler + policy + allocation(k, l) (`pipeline_ops`); T_inf_loc =
+scheduler only. In case 1 no scheduler runs (every task is offloaded); the fixed-exit
+baselines run no policy: both are flags. Seconds (modelled, measured or none) are
+`dynn_jax.delay`'s.
 
 Functions of (k, l, n) return jnp arrays of the default float dtype and work under
 jit with traced, batched arguments (shapes broadcast). Concrete values out of range
@@ -27,14 +28,13 @@ biases; `count_params` counts the leaves of an initialised model for cross-check
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dynn_jax.config import MECConfig
-from dynn_jax.models import POOLED_DIM, ModelConfig, check_int, check_kl, scheduler_inputs
+from dynn_jax.models import (POOLED_DIM, ModelConfig, check_int, check_kl, policy_inputs,
+                             scheduler_inputs)
 
 Array = jax.Array
 
@@ -51,7 +51,7 @@ def dense_params(d_in: int, d_out: int, bias: bool = True) -> int:
   return d_in * d_out + (d_out if bias else 0)
 
 
-def _float(value) -> Array:
+def as_float(value) -> Array:
   return jnp.asarray(value, jnp.result_type(float))
 
 
@@ -82,7 +82,7 @@ def allocation_dynamic_ops(config: ModelConfig, k, l, n_offloaded) -> Array:
   shape = _shape(k, l, n_offloaded)
   k, l, valid = check_kl(config, k, l, shape)
   n, n_ok = _checked_n(config, 'n_offloaded', n_offloaded, shape)
-  per_user = _float(expert_ops_by_depth(config))[jnp.where(valid, l - 1, 0)]
+  per_user = as_float(expert_ops_by_depth(config))[jnp.where(valid, l - 1, 0)]
   return jnp.where(valid & n_ok, k * n * per_user, jnp.nan)
 
 
@@ -90,7 +90,7 @@ def allocation_fixed_ops(config: ModelConfig, n_offloaded) -> Array:
   """Gate once per slot plus the two heads per offloaded user."""
   n, n_ok = _checked_n(config, 'n_offloaded', n_offloaded, np.shape(n_offloaded))
   heads = 2 * dense_ops(config, config.width, 1)
-  return jnp.where(n_ok, gate_ops(config) + n * _float(heads), jnp.nan)
+  return jnp.where(n_ok, gate_ops(config) + n * as_float(heads), jnp.nan)
 
 
 def allocation_ops(config: ModelConfig, k, l, n_offloaded) -> Array:
@@ -118,18 +118,18 @@ def static_ops(config: ModelConfig, n_offloaded) -> Array:
   n, n_ok = _checked_n(config, 'n_offloaded', n_offloaded, np.shape(n_offloaded))
   per_user = sum(dense_ops(config, *dims) for dims in config.static_dims)
   per_user += 2 * dense_ops(config, config.static_width, 1)
-  return jnp.where(n_ok, n * _float(per_user), jnp.nan)
+  return jnp.where(n_ok, n * as_float(per_user), jnp.nan)
 
 
 def scheduler_ops(config: ModelConfig, n_users) -> Array:
   n, n_ok = _checked_n(config, 'n_users', n_users, np.shape(n_users))
   per_user = (dense_ops(config, scheduler_inputs(config), config.scheduler_hidden)
               + dense_ops(config, config.scheduler_hidden, 1))
-  return jnp.where(n_ok, n * _float(per_user), jnp.nan)
+  return jnp.where(n_ok, n * as_float(per_user), jnp.nan)
 
 
 def policy_ops(config: ModelConfig) -> float:
-  return (dense_ops(config, POOLED_DIM, config.policy_hidden)
+  return (dense_ops(config, policy_inputs(config), config.policy_hidden)
           + dense_ops(config, config.policy_hidden, config.num_options))
 
 
@@ -151,10 +151,12 @@ def allocation_dynamic_params(config: ModelConfig, k: int | None = None,
 
 
 def allocation_fixed_params(config: ModelConfig) -> int:
-  """Gate (and its noise kernel, trained though not run at inference) and two heads."""
+  """Gate (and its noise kernel, trained though not run at inference) and two heads (a
+  pair per depth with `depth_heads`; an exit runs one pair)."""
   gates = 2 if config.gate_noise else 1
+  pairs = config.max_depth if config.depth_heads else 1
   return (gates * dense_params(POOLED_DIM, config.num_experts, bias=False)
-          + 2 * dense_params(config.width, 1, bias=False))
+          + 2 * pairs * dense_params(config.width, 1, bias=False))
 
 
 def allocation_params(config: ModelConfig, k: int | None = None,
@@ -174,7 +176,7 @@ def scheduler_params(config: ModelConfig) -> int:
 
 
 def policy_params(config: ModelConfig) -> int:
-  return (dense_params(POOLED_DIM, config.policy_hidden)
+  return (dense_params(policy_inputs(config), config.policy_hidden)
           + dense_params(config.policy_hidden, config.num_options))
 
 
@@ -186,54 +188,25 @@ def count_params(variables) -> int:
 # ------------------------------------------------------------------------ delays
 
 
-class InferenceDelay(NamedTuple):
-  edge: Array  # s, seen by every offloaded user of the slot
-  loc: Array   # s, seen by every local user of the slot
-
-
 def ops_to_delay(ops, mec_config: MECConfig) -> Array:
   """Modelled server time of `ops` counted ops: cycles_per_op * ops / f_ser (s)."""
   return mec_config.cycles_per_op * jnp.asarray(ops) / mec_config.f_ser
 
 
-def _scheduler_part(config, mec_config, n_users, scheduler) -> Array:
-  scheduler = mec_config.case == 2 if scheduler is None else scheduler
-  if not scheduler:
-    return _float(0.0)
-  if n_users is None:
-    raise ValueError('n_users is needed when the scheduler runs (case 2 or scheduler=True)')
-  return scheduler_ops(config, n_users)
-
-
-def inference_delays(config: ModelConfig, mec_config: MECConfig, k, l, n_offloaded,
-                     n_users=None, *, scheduler: bool | None = None,
-                     policy: bool = True) -> InferenceDelay:
-  """(T_inf_edge, T_inf_loc) of the DyNN pipeline; k, l, n may be traced or batched.
-
-  scheduler=None runs it in case 2 only; policy=False for fixed-(k, l) baselines.
-  """
-  sched = _scheduler_part(config, mec_config, n_users, scheduler)
-  edge = allocation_ops(config, k, l, n_offloaded) + sched
-  if policy:
-    edge = edge + policy_ops(config)
-  return InferenceDelay(ops_to_delay(edge, mec_config), ops_to_delay(sched, mec_config))
-
-
-def static_inference_delays(config: ModelConfig, mec_config: MECConfig, n_offloaded,
-                            n_users=None, *, scheduler: bool | None = None
-                            ) -> InferenceDelay:
-  """(T_inf_edge, T_inf_loc) of the static baseline (no policy)."""
-  sched = _scheduler_part(config, mec_config, n_users, scheduler)
-  edge = static_ops(config, n_offloaded) + sched
-  return InferenceDelay(ops_to_delay(edge, mec_config), ops_to_delay(sched, mec_config))
-
-
-def inference_delay_table(config: ModelConfig, mec_config: MECConfig, n_offloaded,
-                          n_users=None, *, scheduler: bool | None = None,
-                          policy: bool = True) -> InferenceDelay:
-  """`inference_delays` for every (k, l): edge [..., K, L], loc [..., 1, 1]."""
-  return inference_delays(config, mec_config, *_grid(config), _per_slot(n_offloaded),
-                          _per_slot(n_users), scheduler=scheduler, policy=policy)
+def pipeline_ops(config: ModelConfig, k, l, n_offloaded, n_users=None, *, policy: bool,
+                 scheduler: bool, static: bool = False) -> Array:
+  """Counted ops an offloaded user of the slot waits for: the allocator (k, l), or the
+  static network, plus the scheduler (on every real user) and the policy where they
+  run. A local user waits for the scheduler's `scheduler_ops` only."""
+  net = static_ops(config, n_offloaded) if static else allocation_ops(config, k, l,
+                                                                       n_offloaded)
+  if scheduler:
+    if n_users is None:
+      raise ValueError('n_users is needed when the scheduler runs')
+    net = net + scheduler_ops(config, n_users)
+  if policy and not static:
+    net = net + policy_ops(config)
+  return net
 
 
 def table_one(config: ModelConfig, n_offloaded: int) -> dict[str, float]:

@@ -12,6 +12,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from dynn_jax.evaluation import EvalResult
+from dynn_jax.exit_study import LOSS_METRIC, exit_grid
 from dynn_jax.io import write_bytes_atomic
 
 
@@ -140,19 +142,30 @@ def sweep(points: list[dict], sweep_def: tuple, path: str, title: str = '') -> N
   save_png(fig, path)
 
 
-def model_size(study: dict, path: str) -> None:
-  """Fig. 4: weighted delay of every (k, l), without and with inference delay."""
-  fig = Figure(figsize=(11, 4.2))
-  axes = fig.subplots(1, 2, sharey=False)
-  for ax, key in zip(axes, ('without_inference', 'with_inference')):
-    table = np.asarray(study[key])
-    ks = np.arange(1, table.shape[0] + 1)
-    for l in range(table.shape[1]):
-      ax.plot(ks, table[:, l], marker='o', ms=3, label=f'depth l = {l + 1}')
-    ax.set_xlabel('active experts k')
-    ax.set_ylabel(study['unit'])
-    ax.set_title(key.replace('_', ' '))
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
-  save_png(fig, path)
 
+def exit_grids(studies: dict, models: dict, path: str) -> None:
+  """Fig. 4 for each pipeline and data size: every exit's value relative to the full
+  exit without inference delay (%), against k, one line per depth, solid without and
+  dashed with inference delay (from `exit_study.exit_study`)."""
+  rows, cols = len(studies), max(len(s['sizes']) for s in studies.values())
+  fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+  axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+  for r, (pipeline, study) in enumerate(studies.items()):
+    model, metric = models[pipeline], LOSS_METRIC[study['loss']]
+    for c, size in enumerate(study['sizes']):
+      ax = axes[r, c]
+      none = exit_grid(EvalResult.from_dict(study['none'][c]), model, metric)
+      base = none[-1][-1]
+      ks = np.arange(1, model.num_experts + 1)
+      for mode, style in zip(study['modes'], ('-', '--')):
+        grid = np.asarray(exit_grid(EvalResult.from_dict(study[mode][c]), model, metric))
+        for l in range(model.max_depth):
+          ax.plot(ks, 100 * (grid[:, l] / base - 1), style, marker='o', ms=2,
+                  color=f'C{l}', label=f'l = {l + 1}, {mode}')
+      ax.set_title(f'{pipeline}, {size * 1e-3:g} kbit', fontsize=8)
+      ax.set_xlabel('experts k', fontsize=7)
+      ax.set_ylabel(f'{metric} vs full exit (%)', fontsize=7)
+      ax.tick_params(labelsize=6)
+      ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=5)
+  save_png(fig, path)

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 
-from dynn_jax import cost_study, ops, paper
+from dynn_jax import cost_study, exit_study, ops, paper
 
 from dynn_jax.config import MECConfig
 from dynn_jax.evaluation import EvalResult, Params, Setting, default_methods, evaluate
@@ -322,10 +322,11 @@ def points_network_ops(sweeps: dict) -> float:
   return total
 
 
-def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
-           seconds: float, nets: dict, settings: dict) -> str:
+def report(sweeps: dict, exits: dict | None, cost: dict | None, mode: str,
+           seconds: float, nets: dict, settings: dict, models: dict | None = None) -> str:
   """The markdown reproduction report; `settings` holds the slots per point ('slots',
-  'ga_slots', 'oracle_slots') that every point was computed with."""
+  'ga_slots', 'oracle_slots') that every point was computed with; `exits` the case-1
+  exit studies per pipeline (`reproduce.exit_studies`) and `models` their ModelConfigs."""
   out = ['# Reproduction report', '',
          f'Inference delay: **{mode}**. Slots per point: {settings["slots"]} (GA: {settings["ga_slots"]}; '
          f'oracle and lower bound: {settings["oracle_slots"]}, on which every method runs again so '
@@ -376,19 +377,8 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
     out += ['### Ordering', '', ordering_checks(points, DELAY_PAIRS[case], 'mean_delay'),
             ordering_checks(points, OBJECTIVE_PAIRS[case], 'objective'), '']
   out += table_one(nets, sweeps.get(SweepKey(1, 'data_large')), mode == 'measured')
-  if model_size:
-    out += ['## Model size (Fig. 4)', '', '![model size](model_size.png)', '',
-            f'Unit: {model_size["unit"]}; the paper\'s unit is not stated, so compare shapes:'
-            f' paper {paper.MODEL_SIZE}.', '']
-    for name in ('without_inference', 'with_inference'):
-      table = model_size[name]
-      out.append(f'**{name.replace("_", " ")}** (rows k = 1..K, columns l = 1..L)')
-      out.append('')
-      out.append('| k | ' + ' | '.join(f'l={l + 1}' for l in range(len(table[0]))) + ' |')
-      out.append('|---' * (len(table[0]) + 1) + '|')
-      for k, row in enumerate(table):
-        out.append(f'| {k + 1} | ' + ' | '.join(f'{v:.3f}' for v in row) + ' |')
-      out.append('')
+  if exits:
+    out += exit_study_section(exits, models)
   if cost:
     out += ['## Training cost (Fig. 12)', '', f'Bar: every sub-network within '
             f'{100 * cost["bar"]:g}% of the optimum; seconds exclude compilation.', '',
@@ -414,6 +404,67 @@ def report(sweeps: dict, model_size: dict | None, cost: dict | None, mode: str,
     out.append('')
   out += ['## Why our numbers differ', '', DIFFERENCES]
   return '\n'.join(out) + '\n'
+
+
+def _change(first: float, last: float) -> str:
+  return f'{100 * (last / first - 1):+.1f}%'
+
+
+def exit_study_section(studies: dict, models: dict) -> list[str]:
+  """Fig. 4 for each pipeline ({'paper': study, 'objective': study} from
+  `exit_study.exit_study`, models the pipelines' ModelConfigs): every exit without and
+  with inference delay at each data size, on the loss the pipeline was trained for;
+  whether bigger exits are better, and the policy against the best fixed exit and the
+  hindsight bound, all computed here."""
+  out = ['## Every exit, with and without inference delay (Fig. 4)', '',
+         'Each exit (k, l) runs for every slot (`exit_<k>_<l>`), on the same slots at every '
+         'data size; values are relative to the full exit (K, L) without inference delay '
+         '(%; lower is better), on the loss each pipeline was trained for (the paper\'s '
+         'weighted delay, or the objective). `hindsight` takes each slot\'s best exit, '
+         'inference delay included: the bound of any policy over these networks.', '',
+         f'Paper (Fig. 4, weighted delay, default point): without inference delay, depth 1 '
+         f'from 1 to 10 experts {_change(*paper.MODEL_SIZE["without_inference_depth1"])}, '
+         f'depth 3 {_change(*paper.MODEL_SIZE["without_inference_depth3"])}; with it, depth 3 '
+         f'at 10 experts is {_change(paper.MODEL_SIZE["with_inference_depth3_k2"], paper.MODEL_SIZE["with_inference_depth3_k10"])} '
+         'from its best (2 experts).', '', '![exits](exits.png)', '']
+  for pipeline, study in studies.items():
+    model, metric = models[pipeline], exit_study.LOSS_METRIC[study['loss']]
+    policy = next((m for m in ('policy_moe', 'pmrl') if m in study['none'][0]['methods']),
+                  None)
+    out += [f'### {pipeline} pipeline ({metric}, {study["slots"]} slots per size)', '']
+    for i, size in enumerate(study['sizes']):
+      none = EvalResult.from_dict(study['none'][i])
+      base = none.mean(f'exit_{model.num_experts}_{model.max_depth}', metric)
+      rows = ['| l \\ k | ' + ' | '.join(str(k) for k in range(1, model.num_experts + 1))
+              + ' |', '|---' * (model.num_experts + 1) + '|']
+      for mode in study['modes']:
+        r = EvalResult.from_dict(study[mode][i])
+        grid = exit_study.exit_grid(r, model, metric)
+        for l in range(model.max_depth):
+          cells = [f'{100 * (grid[k][l] / base - 1):+.2f}' for k in range(model.num_experts)]
+          rows.append(f'| {l + 1} ({mode}) | ' + ' | '.join(cells) + ' |')
+      mono = exit_study.monotonicity(exit_study.exit_grid(none, model, metric))
+      out += [f'**{size * 1e-3:g} kbit**', '', *rows, '',
+              f'- Without inference delay, the worst exit against one with an expert or a '
+              f'layer fewer: {mono["bigger"]} is {100 * mono["worst_excess"]:+.2f}% from '
+              f'{mono["smaller"]}; the full exit is {100 * mono["full_vs_smallest"]:+.2f}% '
+              'from (1, 1).']
+      for mode in study['modes']:
+        r = EvalResult.from_dict(study[mode][i])
+        best = min(exit_study.exit_names(model), key=lambda name: r.mean(name))
+        line = (f'- {mode} inference delay, on the objective: hindsight '
+                f'{100 * (r.mean("hindsight") / r.mean(best) - 1):+.2f}% from the best fixed '
+                f'exit')
+        if policy is not None:
+          gaps = exit_study.policy_gaps(r, model, policy)
+          picks = ', '.join(f'({k.replace("_", ", ")}) {100 * v:.0f}%'
+                            for k, v in list(gaps['picks'].items())[:4])
+          line += (f'; {policy} {100 * gaps["vs_best_exit"]:+.2f}% from the best fixed exit '
+                   f'({gaps["best_exit"][5:].replace("_", ", ")}) and '
+                   f'{100 * gaps["vs_hindsight"]:+.2f}% from hindsight; picks {picks}')
+        out.append(line + '.')
+      out.append('')
+  return out
 
 
 DIFFERENCES = """\

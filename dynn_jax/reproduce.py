@@ -1,5 +1,5 @@
-"""The paper's studies as resumable *points*: sweeps, the model-size study (Fig. 4) and
-the op / inference-share study (Fig. 10, 11). Each point is one JSON file under
+"""The paper's studies as resumable *points*: sweeps, the exit study (Fig. 4, both
+pipelines) and the op / inference-share study (Fig. 10, 11). Each point is one JSON file under
 `results_dir/points/`; a point already written is read back, never recomputed, so an
 interrupted reproduction continues where it stopped.
 """
@@ -11,17 +11,14 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dynn_jax import ops
-from dynn_jax.env import importance_weight, normalized_features, sample_slots
+from dynn_jax import delay as delay_model
+from dynn_jax import exit_study
 from dynn_jax.evaluation import EvalResult, Setting, evaluate_sweep
 from dynn_jax.io import (DictOf, Integer, Number, OneOf, Optional, cached_json, check_schema,
                          read_json, tree_digest)
-from dynn_jax.models import all_subnetworks
 from dynn_jax.networks import Networks
-from dynn_jax.quality import weighted_delays
 
 # (MECConfig field or 'n_active', values in SI, label, unit scale for display)
 SWEEPS = {
@@ -52,7 +49,7 @@ CASE_SWEEPS = {1: ('data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'),
 
 _STAT = {'mean': float, 'ci95': Number(0.0)}
 RESULT_SCHEMA = {'methods': DictOf(DictOf(_STAT, min_len=1), min_len=1), 'slots': Integer(1),
-                 'mode': OneOf(('modelled', 'measured')), 'devices': Integer(1),
+                 'mode': OneOf(('none', 'modelled', 'measured')), 'devices': Integer(1),
                  'bound': Optional(_STAT), 'slots_of': DictOf(Integer(1))}
 # Bumped when a point gains a part, so that points written before are recomputed
 # (2: the oracle beside the GA on the GA's slots, `ga_yardstick`).
@@ -67,17 +64,72 @@ def point_path(results_dir: str, name: str) -> str:
   return os.path.join(results_dir, 'points', f'{name}.json')
 
 
+class PointError(ValueError):
+  """A point file that cannot be read back (a folder, not JSON, edited, damaged)."""
+
+
 def cached(results_dir: str, name: str, compute, settings: dict,
-           schema: Any = POINT_SCHEMA) -> Any:
-  """The point's JSON if it exists and was made with `settings`, else compute it and
-  write it atomically (with its settings). A point read back must match `schema`."""
-  made = lambda point: isinstance(point, dict) and point.get('settings') == settings
-  return cached_json(point_path(results_dir, name), lambda: compute() | {'settings': settings},
-                     f'point {name}', made, schema=schema)
+           schema: Any = POINT_SCHEMA, expect: dict | None = None) -> Any:
+  """The point's JSON if it exists, was made with `settings` and holds the fields of
+  `expect` (a sweep point: its own sweep and value), else compute it and write it
+  atomically (with its settings). A point read back must match `schema`; one that
+  cannot be read is refused (`PointError`), never recomputed over: it may be the only
+  copy of hours of work."""
+  path = point_path(results_dir, name)
+  _read_point(path, name)  # refuses a damaged file before any work
+  return cached_json(path, lambda: compute() | {'settings': settings}, f'point {name}',
+                     stale=lambda point: _mismatch(point, settings, expect), schema=schema)
 
 
-MODEL_SIZE_SCHEMA = {'without_inference': [[float]], 'with_inference': [[float]],
-                     'slots': Integer(1), 'unit': str, 'settings': dict}
+def _read_point(path: str, name: str) -> Any:
+  """The point at `path` (None when there is none); PointError, one line naming the
+  file and what to do, for one that cannot be read."""
+  if not os.path.lexists(path):
+    return None
+  try:
+    return read_json(path, f'point {name}')
+  except (OSError, ValueError) as e:
+    raise PointError(f'{e}; delete it to compute the point again') from None
+
+
+def _mismatch(point: Any, settings: dict, expect: dict | None) -> str | None:
+  """Why a point read back is not the one asked for (None: it is)."""
+  if not isinstance(point, dict) or point.get('settings') != settings:
+    return 'was made with other settings'
+  # A point copied or renamed over another holds its own sweep and value, not the
+  # ones its name says: reporting it would show one point twice.
+  for field, want in (expect or {}).items():
+    if point.get(field) != want:
+      return f'holds {field} = {point.get(field)!r}, not {want!r}'
+  return None
+
+
+EXIT_STUDY_SCHEMA = {'sizes': [float], 'slots': Integer(2), 'loss': str,
+                     'modes': [OneOf(('none', 'modelled', 'measured'))],
+                     'none': [RESULT_SCHEMA], 'modelled': Optional([RESULT_SCHEMA]),
+                     'measured': Optional([RESULT_SCHEMA]), 'settings': dict,
+                     'seconds': Optional(Number(0.0))}
+
+
+def exit_studies(nets: dict[str, Networks], results_dir: str, *, slots: int, seed: int,
+                 delay=None) -> dict:
+  """Fig. 4 for each pipeline ({'paper': networks, 'objective': networks}, case 1):
+  `exit_study.exit_study` without inference delay and with `delay` (default modelled),
+  one cached point per pipeline."""
+  out = {}
+  for pipeline, networks in nets.items():
+    settings = {'slots': slots, 'seed': seed, 'networks': networks.fingerprint,
+                'delay': delay_fingerprint(delay), 'sizes': list(exit_study.DATA_SIZES)}
+
+    def compute(networks=networks):
+      start = time.perf_counter()
+      study = exit_study.exit_study(networks, slots=slots, seed=seed,
+                                    delays=(delay_model.NONE, delay_model.resolve(delay)))
+      return study | {'seconds': time.perf_counter() - start}
+
+    out[pipeline] = cached(results_dir, f'exits_case1_{pipeline}', compute, settings,
+                           EXIT_STUDY_SCHEMA)
+  return out
 
 
 class SweepKey(NamedTuple):
@@ -156,31 +208,6 @@ def point_from_json(point: dict) -> dict:
           for k, v in point.items()}
 
 
-def model_size_point(nets: Networks, slots: int, seed: int, chunk: int = 2048) -> dict:
-  """Fig. 4: mean weighted delay of every (k, l), without and with inference delay."""
-  mec, model = nets.mec, nets.model
-
-  @jax.jit
-  def chunk_sums(key):
-    s = sample_slots(key, mec, chunk)
-    out = all_subnetworks(model, {'params': nets.params.allocator},
-                          normalized_features(s, mec), s.mask)
-    plain = weighted_delays(out, s, s.mask, mec)                     # [K, L, B]
-    t_inf = ops.inference_delay_table(model, mec, s.mask.sum(-1), s.mask.sum(-1)).edge
-    extra = importance_weight(s, mec).sum(-1) * jnp.moveaxis(t_inf, (-2, -1), (0, 1))
-    return plain.sum(-1), (plain + extra).sum(-1)
-
-  n = max(1, slots // chunk)
-  plain, with_inf = 0.0, 0.0
-  for i in range(n):
-    a, b = chunk_sums(jax.random.fold_in(jax.random.PRNGKey(seed), i))
-    plain, with_inf = plain + np.asarray(a), with_inf + np.asarray(b)
-  scale = 1e3 / (n * chunk)  # weighted seconds -> weighted ms per slot
-  return {'without_inference': (plain * scale).tolist(),
-          'with_inference': (with_inf * scale).tolist(), 'slots': n * chunk,
-          'unit': 'sum_i w_i T_i in ms per slot'}
-
-
 def sweep_values(sweep: str, points: int | None = None) -> list:
   """The sweep's values, or `points` of them evenly spaced with both ends kept."""
   values = SWEEPS[sweep][1]
@@ -192,13 +219,33 @@ def sweep_values(sweep: str, points: int | None = None) -> list:
 
 def parse_sweeps(names) -> set[str]:
   """Checks sweep names, plain ('data') or case-qualified ('1:data'); ValueError names the
-  bad ones and the allowed values."""
+  bad ones and the allowed values, or an empty list (it would replace a finished report
+  by an empty one)."""
+  names = list(names)
+  if not names:
+    raise ValueError(f'--sweeps is empty; give at least one of {sorted(SWEEPS)}')
   bad = [n for n in names if n.split(':', 1)[-1] not in SWEEPS
          or (':' in n and n.split(':', 1)[0] not in ('1', '2'))]
   if bad:
     raise ValueError(f'--sweeps: unknown {bad}; allowed {sorted(SWEEPS)}, each optionally '
                      'prefixed by a case, e.g. 2:data')
   return set(names)
+
+
+def selected_sweeps(cases, sweeps) -> list[SweepKey]:
+  """The (case, sweep) pairs that `cases` and the sweep names (`parse_sweeps`) select,
+  in `SWEEPS` order; ValueError, naming both flags, when they select none."""
+  cases = list(cases)
+  if not cases:
+    raise ValueError('--cases is empty; give 1, 2 or both')
+  wanted = parse_sweeps(sweeps)
+  keys = [SweepKey(case, sweep) for case in cases for sweep in SWEEPS
+          if sweep in CASE_SWEEPS[case] and {sweep, f'{case}:{sweep}'} & wanted]
+  if not keys:
+    raise ValueError(f'--sweeps={",".join(sorted(wanted))} selects no sweep of --cases='
+                     f'{",".join(map(str, cases))} (case 1: {", ".join(CASE_SWEEPS[1])}; '
+                     f'case 2: {", ".join(CASE_SWEEPS[2])})')
+  return keys
 
 
 def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
@@ -208,71 +255,64 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
   `objective` networks their pipeline runs beside the paper's at every point.
 
   `sweeps` holds names ('data': every case) or case-qualified names ('2:data': case 2
-  only), see `parse_sweeps`. A point already written with the same settings (slots,
-  seeds, networks, delay table) is read back; the missing ones of a sweep are
-  computed together.
+  only), see `parse_sweeps`; a selection of no sweep is refused (`selected_sweeps`). A
+  point already written with the same settings (slots, seeds, networks, delay table)
+  and holding its own sweep and value is read back; the missing ones of a sweep are
+  computed together. A point file that cannot be read is refused (`PointError`).
   """
   out = {}
   objective = objective or {}
-  wanted = parse_sweeps(sweeps)
-  for case in cases:
-    for sweep in SWEEPS:
-      if sweep not in CASE_SWEEPS[case] or not ({sweep, f'{case}:{sweep}'} & wanted):
-        continue
-      large = sweep == 'data_large'
-      methods = LARGE_DATA_METHODS if large else METHODS[case]
-      obj_methods = (('policy_moe',) if large else OBJECTIVE_METHODS[case])
-      obj = objective.get(case)
-      settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
-                  'ga_slots': 0 if large else ga_slots,
-                  'oracle_slots': oracle_slots if 'oracle' in methods else 0,
-                  'networks': nets[case].fingerprint,
-                  'objective_networks': obj.fingerprint if obj else None,
-                  'delay': delay_fingerprint(delay)}
-      values = sweep_values(sweep, points_per_sweep)
-      key = SweepKey(case, sweep)
-      names = {value: f'{key.name}_{value:g}' for value in values}
-      fresh = {}
-
-      def compute_missing():
-        missing = [v for v in values if not _written(results_dir, names[v], settings)]
-        start = time.perf_counter()
-        points = sweep_points(nets[case], sweep, missing, methods, slots=slots,
-                              oracle_slots=settings['oracle_slots'],
-                              ga_slots=settings['ga_slots'], seed=seed, delay=delay,
-                              objective=obj, objective_methods=obj_methods)
-        # Each point's share of its sweep's wall time, compiles included: the report
-        # sums them, whichever run computed the points.
-        share = (time.perf_counter() - start) / len(missing)
-        fresh.update((v, p | {'seconds': share}) for v, p in zip(missing, points))
-
-      def point(value):
-        if not fresh and not _written(results_dir, names[value], settings):
-          compute_missing()
-        return fresh[value]
-
-      out[key] = [
-          point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(point(v)),
-                                 settings)) for v in values]
+  for key in selected_sweeps(cases, sweeps):
+    case, sweep = key
+    large = sweep == 'data_large'
+    methods = LARGE_DATA_METHODS if large else METHODS[case]
+    obj_methods = (('policy_moe',) if large else OBJECTIVE_METHODS[case])
+    obj = objective.get(case)
+    settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
+                'ga_slots': 0 if large else ga_slots,
+                'oracle_slots': oracle_slots if 'oracle' in methods else 0,
+                'networks': nets[case].fingerprint,
+                'objective_networks': obj.fingerprint if obj else None,
+                'delay': delay_fingerprint(delay)}
+    values = sweep_values(sweep, points_per_sweep)
+    names = {value: f'{key.name}_{value:g}' for value in values}
+    expect = {value: {'sweep': sweep, 'value': value} for value in values}
+    missing = [v for v in values
+               if not _written(results_dir, names[v], settings, expect[v])]
+    fresh = {}
+    if missing:
+      start = time.perf_counter()
+      points = sweep_points(nets[case], sweep, missing, methods, slots=slots,
+                            oracle_slots=settings['oracle_slots'],
+                            ga_slots=settings['ga_slots'], seed=seed, delay=delay,
+                            objective=obj, objective_methods=obj_methods)
+      # Each point's share of its sweep's wall time, compiles included: the report
+      # sums them, whichever run computed the points.
+      share = (time.perf_counter() - start) / len(missing)
+      fresh = {v: p | {'seconds': share} for v, p in zip(missing, points)}
+    out[key] = [
+        point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(fresh[v]),
+                               settings, expect=expect[v])) for v in values]
   return out
 
 
-def _written(results_dir: str, name: str, settings: dict) -> bool:
+def _written(results_dir: str, name: str, settings: dict, expect: dict) -> bool:
+  """Whether the point is written, with these settings and its own sweep and value
+  (PointError for a file that cannot be read, SchemaError for a damaged one)."""
   path = point_path(results_dir, name)
-  if not os.path.exists(path):
-    return False
-  try:
-    point = read_json(path, f'point {name}')
-  except ValueError:
-    return False
-  if not isinstance(point, dict) or point.get('settings') != settings:
+  point = _read_point(path, name)
+  if point is None or _mismatch(point, settings, expect) is not None:
     return False
   check_schema(point, POINT_SCHEMA, f'point {path}')  # a damaged point is refused
   return True
 
 
 def delay_fingerprint(delay) -> str | None:
-  """A digest of a measured latency table (None: modelled delays)."""
-  if delay is None:
-    return None
+  """What a point's delay model was: None for the modelled delays (as points written
+  before the other modes existed say), 'none', or a digest of a measured latency table."""
+  delay = delay_model.resolve(delay)
+  if delay.mode != 'measured':
+    return None if delay.mode == 'modelled' else delay.mode
   return tree_digest(delay)[:16]
+
+

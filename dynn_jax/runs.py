@@ -26,10 +26,12 @@ import sys
 import time
 from typing import Any
 
+import jax
+import numpy as np
 from flax import serialization
 
-from dynn_jax.io import (append_jsonl, is_temporary, read_json, seal, unseal,
-                         write_bytes_atomic, write_json_atomic)
+from dynn_jax.io import (ChecksumError, NonFiniteError, append_jsonl, is_temporary, read_json,
+                         seal, unseal, write_bytes_atomic, write_json_atomic)
 
 LOCK_NAME = 'run.lock'
 # A lock file still empty this long after its creation was left by a process that died
@@ -146,6 +148,10 @@ def check_start(path: str, config: dict, resume: bool, own_token: str | None = N
   if not resume:
     raise RunDirError(f'{path} already holds a run; pass --resume to continue it or choose '
                       'another --run_dir')
+  folder = os.path.join(path, 'checkpoints')
+  for name in sorted(os.listdir(folder)):  # a damaged one is refused before any work
+    if name.endswith('.msgpack') and not is_temporary(name):
+      checkpoint_body(os.path.join(folder, name))
   try:
     recorded = read_json(config_path, 'run config')
   except ValueError as e:  # corrupt, edited or not JSON
@@ -159,6 +165,61 @@ def check_start(path: str, config: dict, resume: bool, own_token: str | None = N
     raise RunDirError(f'--resume: {config_path} was written with a different config; '
                       f'differing fields: {diff}')
   return 'resume'
+
+
+def _damaged(path: str, problem: str) -> RunDirError:
+  name = os.path.splitext(os.path.basename(path))[0]
+  return RunDirError(f'checkpoint {path} {problem}: delete it to train phase {name!r} '
+                     'again from its start (--resume keeps the other phases), or put back '
+                     'a good copy')
+
+
+def checkpoint_body(path: str) -> bytes:
+  """The checked bytes of a checkpoint file; RunDirError (`_damaged`) for a folder, an
+  empty, unreadable, truncated or corrupt file."""
+  if os.path.isdir(path):
+    raise _damaged(path, 'is a folder, not a file')
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise _damaged(path, f'cannot be read ({e.strerror})') from None
+  if not data:
+    raise _damaged(path, 'is empty')
+  try:
+    return unseal(data, path, 'checkpoint')
+  except ChecksumError as e:
+    raise _damaged(path, str(e).split(f'checkpoint {path} ', 1)[-1]) from None
+
+
+def _shape_mismatch(state: Any, target: Any) -> str | None:
+  """The first array of `target` whose restored counterpart in `state` has another
+  shape or dtype (or is missing), as 'path: saved shape dtype, expected shape dtype'."""
+  saved = {jax.tree_util.keystr(p): leaf
+           for p, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+  for p, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+    if not hasattr(want, 'shape'):
+      continue  # a Python number: nothing to compare
+    key = jax.tree_util.keystr(p)
+    if key not in saved:
+      return f'{key} is missing'
+    got = saved[key]
+    dtypes_differ = hasattr(got, 'dtype') and np.dtype(got.dtype) != np.dtype(want.dtype)
+    if np.shape(got) != tuple(want.shape) or dtypes_differ:
+      described = lambda a: f'{tuple(np.shape(a))} {getattr(a, "dtype", type(a).__name__)}'
+      return f'{key} saved as {described(got)}, expected {described(want)}'
+  return None
+
+
+def _metrics_record(line: bytes) -> dict | None:
+  """The record of one metrics.jsonl line; None for a torn (no newline) or bad line."""
+  if not line.endswith(b'\n'):
+    return None
+  try:
+    record = json.loads(line)
+  except ValueError:  # not JSON, or not UTF-8
+    return None
+  return record if isinstance(record, dict) else None
 
 
 class RunDir:
@@ -271,38 +332,44 @@ class RunDir:
     write_json_atomic(self.file('config.json'), config)
 
   def log(self, record: dict) -> None:
-    append_jsonl(self.file('metrics.jsonl'), record)
+    """Appends one record; NonFiniteError naming the phase, step and key of a NaN or
+    infinite value (metrics.jsonl is strict JSON, like every file of the run)."""
+    try:
+      append_jsonl(self.file('metrics.jsonl'), record)
+    except NonFiniteError as e:
+      raise NonFiniteError(f'phase {record.get("phase")!r} step {record.get("step")}: '
+                           f'{e}') from None
 
   def rewind_metrics(self, phase: str, step: int) -> None:
     """Cuts metrics.jsonl before the first record of `phase` beyond `step` (its last
-    checkpoint: those steps run again) or the first torn line, whichever comes first."""
+    checkpoint: those steps run again). Before that, a line that is not a JSON record
+    (torn by a full disk, garbage) is dropped alone, with a warning naming its line
+    number: the records around it are never logged again."""
     path = self.file('metrics.jsonl')
     if not os.path.exists(path):
       return
     with open(path, 'rb') as f:
-      data = f.read()
-    offset, reason = 0, None
-    for line in data.splitlines(keepends=True):
-      try:
-        record = json.loads(line) if line.endswith(b'\n') else None
-      except ValueError:
-        record = None
-      if not isinstance(record, dict):
-        reason = 'from a torn line on'
+      lines = f.read().splitlines(keepends=True)
+    kept, bad, cut = [], [], None
+    for number, line in enumerate(lines, 1):
+      record = _metrics_record(line)
+      if record is None:
+        bad.append(number)
+      elif record.get('phase') == phase and record.get('step', 0) > step:
+        cut = number
         break
-      if record.get('phase') == phase and record.get('step', 0) > step:
-        reason = f'logged after the checkpoint of {phase} at step {step}'
-        break
-      offset += len(line)
-    if reason is None:
+      else:
+        kept.append(line)
+    if not bad and cut is None:
       return
-    dropped = len(data[offset:].splitlines())
-    with open(path, 'r+b') as f:
-      f.truncate(offset)
-      f.flush()
-      os.fsync(f.fileno())
-    print(f'{path}: dropped {dropped} line(s) {reason}; the resumed run logs those steps '
-          'again', file=sys.stderr, flush=True)
+    write_bytes_atomic(path, b''.join(kept))
+    if bad:
+      print(f'{path}: dropped line(s) {", ".join(map(str, bad))}: not a JSON record (torn '
+            'or damaged); the records around them are kept', file=sys.stderr, flush=True)
+    if cut is not None:
+      print(f'{path}: dropped {len(lines) - cut + 1} line(s) from line {cut} on, logged '
+            f'after the checkpoint of {phase} at step {step}; the resumed run logs those '
+            'steps again', file=sys.stderr, flush=True)
 
   # ---------------------------------------------------------------- checkpoints
 
@@ -313,16 +380,27 @@ class RunDir:
     write_bytes_atomic(self.checkpoint_path(name), seal(serialization.to_bytes(state)))
 
   def restore(self, name: str, target: Any) -> Any | None:
-    """The saved state shaped like `target`, or None when there is no checkpoint."""
+    """The saved state shaped like `target`, or None when there is no checkpoint.
+
+    RunDirError, one line naming the file and what to do, for a checkpoint that is a
+    folder, empty, truncated or corrupt, or whose arrays differ in shape or dtype from
+    `target`'s (a run with other network sizes): restored, it would fail deep inside
+    the first step, or train another model than the one asked."""
     path = self.checkpoint_path(name)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
       return None
-    with open(path, 'rb') as f:
-      data = unseal(f.read(), path, 'checkpoint')
+    data = checkpoint_body(path)
     try:
-      return serialization.from_bytes(target, data)
+      state = serialization.from_bytes(target, data)
     except Exception as e:  # msgpack and flax raise several kinds for bad bytes
-      raise ValueError(f'checkpoint {path} is corrupt or from another model: {e}') from None
+      raise _damaged(path, f'is corrupt or from another model ({type(e).__name__}: '
+                     f'{str(e).splitlines()[0] if str(e) else ""})') from None
+    problem = _shape_mismatch(state, target)
+    if problem:
+      raise RunDirError(f'checkpoint {path} does not fit this run: {problem}; it was saved '
+                        'by a run with other network sizes: resume with the flags of that '
+                        'run, or use another --run_dir')
+    return state
 
   def write_summary(self, summary: dict) -> None:
     write_json_atomic(self.file('summary.json'), summary)

@@ -42,7 +42,8 @@ flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory ho
                     'time the trained networks (model sizes come from it). Default: random '
                     'networks, or with --suite=eval/all the shipped '
                     'checkpoints/paper_case1.msgpack.')
-flags.DEFINE_integer('seed', 0, 'PRNG seed.')
+flags.DEFINE_integer('seed', 0, 'PRNG seed.', lower_bound=0,
+                     upper_bound=2 ** 32 - 1)
 flags.DEFINE_integer('batch', 100_000, 'Slots per call for sampling + evaluation.')
 flags.DEFINE_integer('alloc_batch', 10_000, 'Slots per call for the batched exact allocation.')
 flags.DEFINE_integer('ga_batch', 4, 'Slots per call for the batched GA.')

@@ -4,7 +4,7 @@
 
 System flags (--s_avg, --n_users, ...) override the configuration the networks were
 trained with; flags not given keep the trained values. Methods: see
-dynn_jax.evaluation.METHODS.
+dynn_jax.evaluation.METHODS, and exit_<k>_<l> (one sub-network for every slot).
 """
 
 import dataclasses
@@ -13,7 +13,7 @@ import math
 
 from absl import app, flags
 
-from dynn_jax import cli, distributed, evaluation, latency
+from dynn_jax import cli, distributed, evaluation
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
 from dynn_jax.reports import methods_table
@@ -24,16 +24,14 @@ flags.DEFINE_string('networks', None, 'networks.msgpack, or the run directory ho
 flags.DEFINE_list('methods', None, 'Comma-separated method names (default: the case\'s set).')
 flags.DEFINE_integer('slots', 100_000, 'Slots to evaluate.')
 flags.DEFINE_integer('chunk', 8192, 'Slots per compiled chunk (memory bound).')
-flags.DEFINE_integer('seed', 0, 'Seed of the evaluation slots.')
+flags.DEFINE_integer('seed', 0, 'Seed of the evaluation slots.', lower_bound=0,
+                     upper_bound=2 ** 32 - 1)
 flags.DEFINE_integer('n_active', None, 'Real users per slot (default: n_users); <= n_max.')
-flags.DEFINE_enum('inference_delay', 'modelled', ['modelled', 'measured'],
-                  'Inference delay: counted ops / f_ser, or the measured latency table.')
-flags.DEFINE_string('latency_table', None, 'Measured latency table (launch/benchmark.py).')
-flags.DEFINE_bool('allow_other_device', False, 'Accept a latency table from another device.')
 flags.DEFINE_string('out', None, 'JSON file for the results (written atomically).')
 flags.DEFINE_enum('loss', None, list(LOSSES), 'The loss the networks must have been trained '
                   'with (default: whichever the file records); a mismatch stops before work.')
 cli.define_flags(MECConfig)
+cli.define_delay_flags()
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
@@ -54,7 +52,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.networks:
     raise app.UsageError('--networks is required')
-  cli.check_range('slots', FLAGS.slots, 1)
+  cli.check_range('slots', FLAGS.slots, 2)   # a confidence interval needs two slots
   cli.check_range('chunk', FLAGS.chunk, 1)
   try:
     params, trained, model, meta = load_networks(FLAGS.networks)
@@ -73,15 +71,7 @@ def main(argv):
                          f'{trained.case}')
   if FLAGS.n_active is not None:
     cli.check_range('n_active', FLAGS.n_active, 1, mec.width)
-  delay = None
-  if FLAGS.inference_delay == 'measured':
-    if not FLAGS.latency_table:
-      raise app.UsageError('--inference_delay=measured needs --latency_table')
-    try:
-      delay = latency.load_table(FLAGS.latency_table, model, mec,
-                                 allow_other_device=FLAGS.allow_other_device)
-    except (FileNotFoundError, ValueError) as e:
-      raise app.UsageError(str(e)) from None
+  delay = cli.delay_from_flags(model, mec)
   setting = evaluation.Setting(mec=mec, model=model, feature_config=trained, delay=delay)
   names = FLAGS.methods or evaluation.default_methods(mec, params)
   try:
@@ -104,13 +94,18 @@ def main(argv):
         f'{results.slots} slots, {results.mode} inference delay, '
         f'{results.devices} device(s)')
   print(methods_table(results))
-  bad = [f'{name}.{metric}' for name, metrics in results.methods.items()
-         for metric, stat in metrics.items() if not math.isfinite(stat['mean'])]
+  bad = [f'{name}.{metric}.{key}' for name, metrics in results.methods.items()
+         for metric, stat in metrics.items() for key in ('mean', 'ci95')
+         if not math.isfinite(stat[key])]
   if bad:  # strict JSON has no NaN or Infinity, and such a mean is no result to keep
     raise SystemExit(f'non-finite results, nothing written: {", ".join(bad)}')
   if FLAGS.out:
     write_json_atomic(FLAGS.out, {'config': mec.to_dict(), 'networks': FLAGS.networks,
-                                  'loss': loss, 'results': results.to_dict()})
+                                  'loss': loss, 'seed': FLAGS.seed, 'chunk': FLAGS.chunk,
+                                  'n_active': FLAGS.n_active,
+                                  'inference_delay': results.mode,
+                                  'latency_table': FLAGS.latency_table,
+                                  'results': results.to_dict()})
     print(f'wrote {FLAGS.out}')
 
 

@@ -14,7 +14,7 @@ import time
 from absl import app, flags
 
 from dynn_jax import cli, cost_study, distributed, latency, plots, reproduce, training
-from dynn_jax.io import write_bytes_atomic, write_json_atomic
+from dynn_jax.io import SchemaError, write_bytes_atomic, write_json_atomic
 from dynn_jax.networks import Networks
 from dynn_jax.reports import report, write_csv
 
@@ -40,8 +40,11 @@ flags.DEFINE_integer('ga_slots', 64, 'Slots per point for the GA (0: skip the GA
 flags.DEFINE_integer('oracle_slots', 1024, 'Slots per point for the oracle and the lower '
                      'bound, with every method evaluated again on them for paired gaps '
                      '(0: skip the oracle).')
-flags.DEFINE_integer('model_size_slots', 8192, 'Slots of the Fig. 4 study (0: skip).')
-flags.DEFINE_integer('seed', 0, 'Seed of the evaluation slots.')
+flags.DEFINE_integer('model_size_slots', 4096, 'Slots per data size of the Fig. 4 study: '
+                     'every exit of both case-1 pipelines with and without inference '
+                     'delay at 1, 3, 6 and 10 kbit (0: skip).')
+flags.DEFINE_integer('seed', 0, 'Seed of the evaluation slots.', lower_bound=0,
+                     upper_bound=2 ** 32 - 1)
 flags.DEFINE_string('cost_study', 'results/train_cost.json', 'Fig. 12 results from '
                     'launch/train_cost.py; used when the file exists.')
 flags.DEFINE_string('latency_table', None, 'Measured latency table: evaluate in measured '
@@ -81,13 +84,18 @@ def main(argv):
   if FLAGS.retrain and processes > 1:
     raise app.UsageError('--retrain runs in one process: train first (launch/train.py), '
                          f'then reproduce from the networks files with {processes} processes')
-  try:
-    reproduce.parse_sweeps(FLAGS.sweeps)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
   if set(FLAGS.cases) - {'1', '2'}:
     raise app.UsageError(f'--cases: {FLAGS.cases}; allowed 1, 2')
-  cli.check_range('slots', FLAGS.slots, 1)
+  try:  # an empty selection would replace a finished report by an empty one
+    reproduce.selected_sweeps([int(c) for c in FLAGS.cases], FLAGS.sweeps)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  # A confidence interval needs two slots (0 skips the GA, the oracle, the exit study).
+  cli.check_range('slots', FLAGS.slots, 2)
+  for name in ('ga_slots', 'oracle_slots', 'model_size_slots'):
+    if FLAGS[name].value == 1:
+      raise app.UsageError(f'--{name} = 1; give 0 (skip) or at least 2 slots')
+  cli.check_range('model_size_slots', FLAGS.model_size_slots, 0)
   cli.check_range('ga_slots', FLAGS.ga_slots, 0)
   cli.check_range('oracle_slots', FLAGS.oracle_slots, 0)
   if FLAGS.points_per_sweep is not None:
@@ -121,6 +129,13 @@ def main(argv):
       {c: n.fingerprint for c, n in objective.items() if n},
       reproduce.delay_fingerprint(delay)))
   results_dir = distributed.main_folder_view(FLAGS.results_dir, ('points',))
+  try:
+    _reproduce(nets, objective, delay, cost, cases, results_dir, start)
+  except (reproduce.PointError, SchemaError) as e:  # a damaged point file: one line
+    raise SystemExit(str(e)) from None
+
+
+def _reproduce(nets, objective, delay, cost, cases, results_dir, start):
   sweeps = reproduce.run_sweeps(nets, results_dir, cases=cases, sweeps=FLAGS.sweeps,
                                 slots=FLAGS.slots, ga_slots=FLAGS.ga_slots, seed=FLAGS.seed,
                                 delay=delay, points_per_sweep=FLAGS.points_per_sweep,
@@ -132,24 +147,24 @@ def main(argv):
     write_csv(os.path.join(results_dir, f'{key.name}.csv'), points)
     plots.sweep(points, reproduce.SWEEPS[key.sweep],
                 os.path.join(results_dir, f'{key.name}.png'), title=key.name)
-  model_size = None
+  exits, models = None, {}
   if FLAGS.model_size_slots and 1 in nets:
-    model_size = reproduce.cached(
-        results_dir, 'model_size',
-        lambda: reproduce.model_size_point(nets[1], FLAGS.model_size_slots, FLAGS.seed),
-        {'slots': FLAGS.model_size_slots, 'seed': FLAGS.seed,
-         'networks': nets[1].fingerprint}, reproduce.MODEL_SIZE_SCHEMA)
-    plots.model_size(model_size, os.path.join(results_dir, 'model_size.png'))
+    pipelines = {'paper': nets[1], 'objective': objective.get(1)}
+    pipelines = {name: n for name, n in pipelines.items() if n is not None}
+    exits = reproduce.exit_studies(pipelines, results_dir, slots=FLAGS.model_size_slots,
+                                   seed=FLAGS.seed, delay=delay)
+    models = {name: n.model for name, n in pipelines.items()}
+    plots.exit_grids(exits, models, os.path.join(results_dir, 'exits.png'))
   seconds = time.perf_counter() - start
-  mode = 'modelled' if delay is None else 'measured'
+  mode = 'modelled' if delay is None else delay.mode
   write_json_atomic(os.path.join(results_dir, 'results.json'),
                     {'sweeps': {key.name: [reproduce.point_to_json(p) for p in points]
                                 for key, points in sweeps.items()},
-                     'model_size': model_size, 'cost_study': cost,
+                     'exits': exits, 'cost_study': cost,
                      'mode': mode, 'seconds': seconds})
-  text = report(sweeps, model_size, cost, mode, seconds, nets,
+  text = report(sweeps, exits, cost, mode, seconds, nets,
                 {'slots': FLAGS.slots, 'ga_slots': FLAGS.ga_slots,
-                 'oracle_slots': FLAGS.oracle_slots})
+                 'oracle_slots': FLAGS.oracle_slots}, models)
   write_bytes_atomic(os.path.join(results_dir, 'report.md'), text.encode())
   print(f'wrote {results_dir}/report.md ({seconds:.0f} s)')
 

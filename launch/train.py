@@ -10,9 +10,12 @@ parameters as an uninterrupted one. One run at a time uses a run directory; a ru
 stopped before its first checkpoint can simply be started again.
 """
 
+import os
+
 from absl import app, flags
 
 from dynn_jax import cli, runs, training
+from dynn_jax.io import NonFiniteError
 
 flags.DEFINE_string('run_dir', None, 'Run directory (config, metrics, checkpoints, summary).')
 flags.DEFINE_bool('resume', False, 'Continue the run in --run_dir from its checkpoints.')
@@ -31,16 +34,26 @@ def main(argv):
   cli.check_training_memory(mec, model, train)
   cli.check_writable('run_dir', FLAGS.run_dir, directory=True)
   config = training.run_config(mec, model, train)
+  if FLAGS.resume and not os.path.isdir(FLAGS.run_dir):
+    raise app.UsageError(f'--resume: {FLAGS.run_dir} is not a run directory (misspelt? '
+                         'leave out --resume to start a new run there)')
   try:
     start = runs.check_start(FLAGS.run_dir, config, FLAGS.resume)
-  except runs.RunDirError as e:
+    if train.allocator_from:
+      training.load_allocators(train.allocator_from, model, train.loss)
+    training.training_delay(model, mec, train)   # the latency table, checked before work
+  except runs.RunDirError as e:   # one line: absl's usage text would bury it
+    raise SystemExit(str(e)) from None
+  except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   cli.stop_if_dry_run(**config, run_dir=FLAGS.run_dir, start=start)
   try:
     _, summary = training.train_and_evaluate(mec, model, train, FLAGS.run_dir,
                                              resume=FLAGS.resume, eval_chunk=FLAGS.eval_chunk)
   except runs.RunDirError as e:  # another run took the directory since the check
-    raise app.UsageError(str(e)) from None
+    raise SystemExit(str(e)) from None
+  except (training.TrainingDiverged, NonFiniteError) as e:
+    raise SystemExit(f'training stopped, no networks written: {e}') from None
   print(summary['text'])
   print(f'run directory: {FLAGS.run_dir}')
 

@@ -28,9 +28,10 @@ def main(argv):
   cli.check_range('bar', FLAGS.bar, 0.0)
   cli.check_range('max_steps', FLAGS.max_steps, 1)
   cli.check_range('study_eval_slots', FLAGS.study_eval_slots, 1)
-  unknown = sorted(set(FLAGS.kinds) - set(cost_study.KINDS))
-  if unknown:
-    raise app.UsageError(f'--kinds: unknown {unknown}; allowed {list(cost_study.KINDS)}')
+  try:
+    cost_study.check_kinds(FLAGS.kinds)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   seeds = _seeds(FLAGS.seeds)
   cli.check_training_memory(mec, model, train)
   cli.check_writable('out', FLAGS.out)
@@ -66,6 +67,9 @@ def _seeds(values: list[str]) -> tuple[int, ...]:
     raise app.UsageError(f'--seeds: {values} must be non-negative integers') from None
   if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
     raise app.UsageError(f'--seeds: {values} must be distinct non-negative integers')
+  if max(seeds) > 2 ** 32 - 1:
+    raise app.UsageError(f'--seeds: {max(seeds)} is out of range; allowed range [0, '
+                         f'{2 ** 32 - 1}] (the PRNG keeps 32 bits of a seed)')
   return seeds
 
 

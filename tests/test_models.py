@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynn_jax import ConfigError, MECConfig, ops
+from dynn_jax import ConfigError, MECConfig, delay, ops
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.batching import blocked
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
@@ -253,15 +253,17 @@ def test_op_counts_and_delays_match_a_hand_count(zeta, iota):
     assert table[k - 1, l - 1] == pytest.approx(_hand_ops(k, l, 4, zeta, iota), rel=1e-6)
   scheduler = 5 * (zeta * 5 * 4 + iota + zeta * 4 + iota)   # 5 real users
   policy = zeta * 11 * 4 + iota + zeta * 4 * 6 + iota
-  delays = jax.jit(lambda k, l, n, m: ops.inference_delays(config, MEC, k, l, n, m))(
+  delays = jax.jit(lambda k, l, n, m: delay.MODELLED.pipeline(config, MEC, k, l, n, m))(
       jnp.array([1, 3]), jnp.array([2, 1]), jnp.array([3, 4]), 5)
   for i, (k, l, n) in enumerate(((1, 2, 3), (3, 1, 4))):
     want = (_hand_ops(k, l, n, zeta, iota) + scheduler + policy) / MEC.f_ser
     assert float(delays.edge[i]) == pytest.approx(want, rel=1e-6)
   assert float(delays.loc) == pytest.approx(scheduler / MEC.f_ser, rel=1e-6)
   case1 = MECConfig(n_users=6, f_ser=1e9, cycles_per_op=2.0)
-  grid = ops.inference_delay_table(config, case1, 3, policy=False)
+  grid = delay.table(delay.MODELLED, config, case1, 3, policy=False)
   assert grid.edge.shape == (3, 2) and float(grid.loc) == 0.0
+  none = delay.table(delay.NONE, config, MEC, jnp.array([3, 4]), 5)
+  assert none.edge.shape == (2, 3, 2) and not np.any(np.asarray(none.edge))
   assert float(grid.edge[2, 1]) == pytest.approx(2.0 * _hand_ops(3, 2, 3, zeta, iota) / 1e9,
                                                  rel=1e-6)
 

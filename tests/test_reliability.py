@@ -180,12 +180,13 @@ def test_latency_table_entries_finite_positive_and_rectangular(tmp_path, changes
 
 def test_pipeline_refuses_concrete_exits_out_of_range():
   table = latency.from_dict(_table())
-  edge, _ = table.pipeline(2, 2, policy=False, scheduler=False)
+  edge, _ = table.pipeline(MODEL, MEC, 2, 2, 1, policy=False, scheduler=False)
   assert float(edge) == pytest.approx(0.004)
   for k, l in ((0, 1), (3, 1), (1, 0), (1, 3), (np.array([1, 2, 5]), 1)):
     with pytest.raises(ValueError, match='MeasuredTable.pipeline'):
-      table.pipeline(k, l, policy=False, scheduler=False)
-  traced = jax.jit(lambda k, l: table.pipeline(k, l, policy=True, scheduler=False)[0])
+      table.pipeline(MODEL, MEC, k, l, 1, policy=False, scheduler=False)
+  traced = jax.jit(lambda k, l: table.pipeline(MODEL, MEC, k, l, 1, policy=True,
+                                               scheduler=False)[0])
   assert float(traced(jnp.int32(1), jnp.int32(2))) == pytest.approx(0.0025)
 
 

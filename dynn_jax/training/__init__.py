@@ -15,20 +15,21 @@ The quality measure lives in `dynn_jax.quality`, the networks file in
 this package.
 """
 
-from dynn_jax.networks import (LOSSES, Params, init_params, load_networks, save_networks,
-                               trained_loss)
+from dynn_jax.networks import (LOSSES, Params, init_params, load_allocators, load_networks,
+                               save_networks, trained_loss)
 from dynn_jax.quality import (HELD_OUT_SEED, HeldOut, held_out, static_gap, subnetwork_gaps,
                               weighted_delays)
 from dynn_jax.training.config import (DYNAMIC, SCHEDULES, TrainConfig, alloc_learning_rate,
                                       check_scheduler_training,
                                       kl_bounds, miss_temperature, phase_key, sample_kl,
-                                      sample_offload, training_slots)
+                                      sample_offload, training_delay, training_slots)
 from dynn_jax.training.job import (LAUNCHER_FLAGS, TrainingFlags, read_flagfile, run_config,
                                    train_and_evaluate)
-from dynn_jax.training.loop import (chunked_phase, scan_chunk, train_all, train_allocator,
+from dynn_jax.training.loop import (TrainingDiverged, chunked_phase, scan_chunk, train_all,
+                                    train_allocator,
                                     train_joint, train_policy, tune_allocator)
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
-                                     modelled_delay_table, moe_apply, objective_loss,
+                                     moe_apply, objective_loss,
                                      option_costs, policy_labels, policy_loss, policy_step,
                                      static_apply, update, user_costs)
 
@@ -37,12 +38,12 @@ from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joi
 _scan_chunk = scan_chunk
 
 __all__ = [
-    'DYNAMIC', 'HELD_OUT_SEED', 'HeldOut', 'JointState', 'LAUNCHER_FLAGS', 'LOSSES', 'Params',
+    'DYNAMIC', 'HELD_OUT_SEED', 'TrainingDiverged', 'load_allocators', 'HeldOut', 'JointState', 'LAUNCHER_FLAGS', 'LOSSES', 'Params',
     'SCHEDULES', 'TrainConfig', 'TrainState', 'TrainingFlags', 'alloc_learning_rate',
     'check_scheduler_training', 'tune_allocator',
     'allocator_step',
     'chunked_phase', 'held_out', 'init_params', 'joint_step', 'kl_bounds', 'load_networks',
-    'miss_temperature', 'modelled_delay_table', 'moe_apply', 'objective_loss',
+    'miss_temperature', 'moe_apply', 'objective_loss', 'training_delay',
     'option_costs', 'phase_key', 'policy_labels', 'policy_loss', 'policy_step',
     'read_flagfile', 'run_config',
     'sample_kl', 'sample_offload', 'save_networks', 'scan_chunk', 'static_apply',

@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dynn_jax.config import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigBase, ConfigError,
-                             Config, MECConfig, Range, check_choice, check_ranges)
+from dynn_jax.config import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Config,
+                             ConfigBase, ConfigError, MECConfig, Range, SEED_RANGE,
+                             check_choice, check_ranges)
+from dynn_jax import delay as delay_model
+from dynn_jax import latency
 from dynn_jax.env import Slots, sample_slots
 from dynn_jax.models import ModelConfig
 from dynn_jax.networks import LOSSES
@@ -26,14 +29,19 @@ Array = jax.Array
 SCHEDULES = ('progressive', 'scratch')
 DYNAMIC = ('full', 'width', 'depth')
 POLICY_TARGETS = ('labels', 'expected_cost')
+INFERENCE_DELAYS = ('none', 'modelled', 'measured')
+SCALE_LAWS = ('uniform', 'log_uniform')
 
 
 _TRAIN_RANGES = {
     **{name: POSITIVE_INT for name in ('batch', 'steps_per_call', 'checkpoint_every',
                                        'eval_slots')},
-    **{name: NON_NEGATIVE_INT for name in ('seed', 'full_steps', 'width_steps', 'depth_steps',
+    'seed': SEED_RANGE,
+    **{name: NON_NEGATIVE_INT for name in ('full_steps', 'width_steps', 'depth_steps',
                                            'scratch_steps', 'static_steps', 'policy_steps',
-                                           'joint_steps', 'tune_steps')},
+                                           'joint_steps', 'tune_steps', 'sandwich_middle',
+                                           'users_min')},
+    'distill_weight': NON_NEGATIVE, 'balance_weight': NON_NEGATIVE,
     'alloc_lr': POSITIVE, 'policy_lr': POSITIVE, 'scheduler_lr': POSITIVE,
     'alloc_lr_decay': Range(0.0, 1.0, False, True),
     'alloc_lr_decay_from': Range(0.0, 1.0, True, False),
@@ -78,6 +86,13 @@ class TrainConfig(ConfigBase):
   # s_avg or c_avg themselves, only on the users' values).
   size_scale_min: float = 1.0
   size_scale_max: float = 1.0
+  # Users per training slot drawn uniformly from [users_min, the padded width] (the tasks
+  # sweep's range), so that no number of users is new to the networks; 0: the system's
+  # n_users in every slot.
+  users_min: int = 0
+  # How the factors are drawn: 'uniform', or 'log_uniform' (every octave of the range
+  # alike: a range of 0.5 to 10 drawn uniformly puts 3 of 4 slots above 3).
+  scale_law: str = 'uniform'
   workload_scale_min: float = 1.0
   workload_scale_max: float = 1.0
   # Case 2's joint loop: each step's server CPU is f_ser times a factor drawn
@@ -101,6 +116,31 @@ class TrainConfig(ConfigBase):
   # relative to the cheapest, which weighs a wrong pick by what it costs (near-ties,
   # common between exits, then cost almost nothing instead of a full label error).
   policy_target: str = 'labels'
+  # --- Training options of the DyNN literature (all off by default: the paper's method).
+  # Sandwich rule (slimmable networks, BigNAS): every step's batch gives a quarter of its
+  # slots to the largest exit the schedule allows, a quarter to the smallest, and the
+  # rest to random exits in between, so the extremes are trained every step and never
+  # fall behind the middle. `sandwich_middle`: the number of distinct random exits per
+  # step among the middle slots (0: each slot its own, as without the rule).
+  sandwich: bool = False
+  sandwich_middle: int = 0
+  # In-place distillation (BigNAS): each slot's exit also fits the largest exit's shares
+  # on the same slot (cross-entropy of the two share distributions, the largest exit's
+  # held fixed), weighted by this; 0: off.
+  distill_weight: float = 0.0
+  # Expert load balancing (Shazeer et al.): the squared coefficient of variation of the
+  # experts' summed gate weights over the batch, times this, added to the loss; 0: off.
+  balance_weight: float = 0.0
+  # Inference delay that the losses and the policy's labels see (dynn_jax.delay): 'none',
+  # 'modelled', or 'measured' with the latency table at `latency_table` (refused when it
+  # was measured on another device unless `allow_other_device`).
+  inference_delay: str = 'modelled'
+  latency_table: str = ''
+  allow_other_device: bool = False
+  # A networks file whose allocator and static network this run takes as trained: only
+  # the policy (and in case 2 the scheduler) are trained, e.g. for another device's
+  # latency table ('': train them here).
+  allocator_from: str = ''
 
   def __post_init__(self):
     check_ranges(self, _TRAIN_RANGES)
@@ -108,6 +148,25 @@ class TrainConfig(ConfigBase):
     check_choice(self, 'dynamic', DYNAMIC)
     check_choice(self, 'loss', LOSSES)
     check_choice(self, 'policy_target', POLICY_TARGETS)
+    check_choice(self, 'inference_delay', INFERENCE_DELAYS)
+    check_choice(self, 'scale_law', SCALE_LAWS)
+    check_choice(self, 'sandwich', (True, False))
+    check_choice(self, 'allow_other_device', (True, False))
+    if self.inference_delay == 'measured' and not self.latency_table:
+      raise ConfigError("TrainConfig.inference_delay = 'measured' needs latency_table (the "
+                        'file launch/benchmark.py --suite=exits wrote)')
+    if self.latency_table and self.inference_delay != 'measured':
+      raise ConfigError(f'TrainConfig.latency_table = {self.latency_table!r} is only read '
+                        f"with inference_delay = 'measured' (got {self.inference_delay!r})")
+    if self.inference_delay == 'none' and (self.policy_steps or self.joint_steps):
+      raise ConfigError(
+          "TrainConfig.inference_delay = 'none' with policy_steps or joint_steps > 0: "
+          'without inference delay no exit costs more than another to run, so the policy '
+          'would learn nothing but to pick the best allocation; train the policy with '
+          "'modelled' or 'measured' delays (or set policy_steps = joint_steps = 0)")
+    if self.sandwich_middle and not self.sandwich:
+      raise ConfigError(f'TrainConfig.sandwich_middle = {self.sandwich_middle} needs '
+                        'sandwich = True')
     if self.tune_steps and not self.policy_steps:
       raise ConfigError(f'TrainConfig.tune_steps = {self.tune_steps}: tuning trains the '
                         'exits the policy picks, so it needs policy_steps > 0')
@@ -125,14 +184,28 @@ class TrainConfig(ConfigBase):
 
 
 def check_scheduler_training(model: ModelConfig, train: TrainConfig) -> None:
-  """A scheduler reading the server CPU must be trained on more than one: else its
-  extra input is constant in training and arbitrary wherever f_ser differs."""
-  if (model.scheduler_context == 'server_cpu'
-      and train.server_cpu_scale_min == train.server_cpu_scale_max):
-    raise ConfigError(
-        "ModelConfig.scheduler_context = 'server_cpu' needs TrainConfig.server_cpu_scale_min "
-        f'< server_cpu_scale_max (both {train.server_cpu_scale_min!r}): the scheduler must '
-        'see more than one server CPU in training')
+  """A scheduler or policy reading the server CPU must be trained on more than one:
+  else its extra input is constant in training and arbitrary wherever f_ser differs."""
+  for network in ('scheduler', 'policy'):
+    if (getattr(model, f'{network}_context') == 'server_cpu'
+        and train.server_cpu_scale_min == train.server_cpu_scale_max):
+      raise ConfigError(
+          f"ModelConfig.{network}_context = 'server_cpu' needs "
+          'TrainConfig.server_cpu_scale_min < server_cpu_scale_max (both '
+          f'{train.server_cpu_scale_min!r}): the {network} must see more than one server '
+          'CPU in training')
+
+
+def training_delay(model: ModelConfig, mec: MECConfig, train: TrainConfig):
+  """The inference-delay model (`dynn_jax.delay`) the run's losses and labels read: the
+  latency table is loaded and checked against the model, the width and this device
+  (ValueError naming the problem)."""
+  if train.inference_delay == 'none':
+    return delay_model.NONE
+  if train.inference_delay == 'modelled':
+    return delay_model.MODELLED
+  return latency.load_table(train.latency_table, model, mec,
+                            allow_other_device=train.allow_other_device)
 
 
 def alloc_learning_rate(train: TrainConfig, total: int):
@@ -181,10 +254,25 @@ def kl_bounds(step: Array, train: TrainConfig, model: ModelConfig) -> tuple[Arra
 
 def sample_kl(key: Array, step: Array, shape: tuple[int, ...], train: TrainConfig,
               model: ModelConfig) -> tuple[Array, Array]:
+  """Each slot's exit, uniform over the range the schedule allows at `step`; with the
+  sandwich rule (`TrainConfig.sandwich`, on a 1-D batch) the first quarter of the slots
+  take the largest exit, the second quarter the smallest allowed, the rest random ones
+  (`sandwich_middle` distinct draws shared among them, or each its own)."""
   k_low, l_low = kl_bounds(step, train, model)
   kk, kl = jax.random.split(key)
-  k = jax.random.randint(kk, shape, k_low, model.num_experts + 1)
-  l = jax.random.randint(kl, shape, l_low, model.max_depth + 1)
+  K, L = model.num_experts, model.max_depth
+  if not train.sandwich:
+    return (jax.random.randint(kk, shape, k_low, K + 1),
+            jax.random.randint(kl, shape, l_low, L + 1))
+  (size,) = shape
+  draws = train.sandwich_middle or size
+  k = jax.random.randint(kk, (draws,), k_low, K + 1)
+  l = jax.random.randint(kl, (draws,), l_low, L + 1)
+  slot = jnp.arange(size)
+  k, l = k[slot % draws], l[slot % draws]
+  largest, smallest = slot < size // 4, (slot >= size // 4) & (slot < size // 2)
+  k = jnp.where(largest, K, jnp.where(smallest, k_low, k))
+  l = jnp.where(largest, L, jnp.where(smallest, l_low, l))
   return k, l
 
 
@@ -201,15 +289,25 @@ def miss_temperature(step: Array, total: int, train: TrainConfig) -> Array:
 def training_slots(key: Array, mec: MECConfig, train: TrainConfig) -> Slots:
   """`train.batch` fresh slots, with s and c scaled per slot (see TrainConfig)."""
   ks, kscale = jax.random.split(key)
-  slots = sample_slots(ks, mec, train.batch)
+  n_users = None
+  if train.users_min:
+    # Another key than fold_in(key, 0..1): the draws of the slots themselves stay as
+    # they were without this option.
+    n_users = jax.random.randint(jax.random.fold_in(key, 7), (train.batch, 1),
+                                 min(train.users_min, mec.width), mec.width + 1)
+  slots = sample_slots(ks, mec, train.batch, n_users)
   ranges = ((train.size_scale_min, train.size_scale_max),
             (train.workload_scale_min, train.workload_scale_max))
   if all(low == high == 1.0 for low, high in ranges):
     return slots
   u = jax.random.uniform(kscale, (2, train.batch, 1), slots.s.dtype)
+  if train.scale_law == 'log_uniform':
+    factor = lambda lo, hi, v: lo * (hi / lo) ** v
+  else:
+    factor = lambda lo, hi, v: lo + (hi - lo) * v
   (s_lo, s_hi), (c_lo, c_hi) = ranges
-  return slots._replace(s=slots.s * (s_lo + (s_hi - s_lo) * u[0]),
-                        c=slots.c * (c_lo + (c_hi - c_lo) * u[1]))
+  return slots._replace(s=slots.s * factor(s_lo, s_hi, u[0]),
+                        c=slots.c * factor(c_lo, c_hi, u[1]))
 
 
 def training_system(key: Array, mec: MECConfig, train: TrainConfig) -> Config:

@@ -11,6 +11,7 @@ starts from, which may share buffers with the caller's arguments.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -22,15 +23,18 @@ import optax
 from dynn_jax.config import MECConfig
 from dynn_jax.models import (ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator,
                              choose_kl)
-from dynn_jax.networks import Params, init_params
+from dynn_jax.networks import Params, init_params, load_allocators
 from dynn_jax.runs import Progress, RunDir
 from dynn_jax.training.config import (TrainConfig, alloc_learning_rate, check_scheduler_training,
-                                      phase_key)
+                                      phase_key, training_delay)
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
-                                     modelled_delay_table, moe_apply, policy_step,
-                                     static_apply)
+                                     moe_apply, policy_step, static_apply)
 
 Array = jax.Array
+
+
+class TrainingDiverged(ValueError):
+  """A loss or metric of a training chunk was NaN or infinite."""
 
 
 def chunked_phase(name: str, run: RunDir | None, state: Any, total: int,
@@ -62,6 +66,13 @@ def chunked_phase(name: str, run: RunDir | None, state: Any, total: int,
     done = int(state.step)
     chunks += 1
     metrics = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+      # Nothing of this chunk is logged or saved: the last checkpoint stays the last
+      # good state, and no networks are written from NaN parameters.
+      raise TrainingDiverged(f'phase {name!r} diverged: non-finite {", ".join(bad)} in the '
+                             f'chunk ending at step {done} (lower the learning rate, e.g. '
+                             '--alloc_lr / --policy_lr / --scheduler_lr)')
     if run is not None:
       run.log({'phase': name, 'step': done, 'time': time.time(), **metrics})
     stop = on_chunk is not None and bool(on_chunk(done, state))
@@ -89,7 +100,8 @@ def scan_chunk(step_fn: Callable, key: Array, donate: bool = False):
 def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
                     run: RunDir | None = None, params: Any = None,
                     name: str = 'allocator', static: bool = False,
-                    on_chunk: Callable[[int, Any], bool | None] | None = None) -> Any:
+                    on_chunk: Callable[[int, Any], bool | None] | None = None,
+                    delay: Any = None) -> Any:
   """Trains the DyNN (or the static baseline) and returns its parameters."""
   key = phase_key(train.seed, name)
   module = StaticAllocator(model) if static else MoEAllocator(model)
@@ -98,44 +110,48 @@ def train_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig,
   apply = static_apply(model) if static else moe_apply(model)
   total = train.static_steps if static else train.alloc_steps
   tx = optax.adam(alloc_learning_rate(train, total))
-  step = allocator_step(apply, tx, mec, train, model, dynamic=not static, total=total)
+  step = allocator_step(apply, tx, mec, train, model, dynamic=not static, total=total,
+                        delay=delay)
   chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
   return chunked_phase(name, run, TrainState.create(tx, params), total, train, chunk,
                        on_chunk).params
 
 
 def tune_allocator(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
-                   policy_params: Any, run: RunDir | None = None, name: str = 'tune') -> Any:
-  """`train.tune_steps` allocator steps where each slot trains the exit the policy picks
-  for it, as at inference, with the miss temperature at its final value.
+                   policy_params: Any, run: RunDir | None = None, name: str = 'tune',
+                   delay: Any = None) -> Any:
+  """`train.tune_steps` allocator steps where half of each batch trains the exit the
+  policy picks for each slot, as at inference, and the other half the exits of the end
+  of the schedule, with the miss temperature at its final value.
 
   Progressive shrinking spreads the updates over every exit, and the exits share
-  weights; the policy ends up using few of them (with the objective's inference delay,
-  mostly the smallest), and these gain from updates of their own.
+  weights; the policy ends up using few of them, and these gain from updates of their
+  own. Training only those made the exits it did not pick worse (the full network by
+  +2% on the objective), so the schedule's exits keep their half.
   """
   key = phase_key(train.seed, name)
   policy = Policy(model)
 
   def exits(feats, x):
+    # The policy at the training system: its context is zero there.
     return choose_kl(policy.apply({'params': policy_params}, feats, x), model)
 
   settled = train.replace(miss_temperature_start=train.miss_temperature_end)
   tx = optax.adam(alloc_learning_rate(train, train.tune_steps))
   step = allocator_step(moe_apply(model), tx, mec, settled, model, dynamic=True,
-                        total=train.tune_steps, exits=exits)
+                        total=train.tune_steps, exits=exits, delay=delay)
   chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
   return chunked_phase(name, run, TrainState.create(tx, alloc_params), train.tune_steps,
                        train, chunk).params
 
 
 def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
-                 run: RunDir | None = None, delay_table: Callable = modelled_delay_table,
-                 name: str = 'policy') -> Any:
+                 run: RunDir | None = None, delay: Any = None, name: str = 'policy') -> Any:
   """Pre-trains the policy on slots with every task offloaded."""
   key = phase_key(train.seed, name)
   params = init_params(Policy(model), jax.random.fold_in(key, 0), mec)
   tx = optax.adam(train.policy_lr)
-  step = policy_step(tx, mec, model, train, alloc_params, delay_table)
+  step = policy_step(tx, mec, model, train, alloc_params, delay)
   chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
   return chunked_phase(name, run, TrainState.create(tx, params), train.policy_steps, train,
                        chunk).params
@@ -143,13 +159,13 @@ def train_policy(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_p
 
 def train_joint(mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
                 policy_params: Any, run: RunDir | None = None,
-                delay_table: Callable = modelled_delay_table, name: str = 'joint'
+                delay: Any = None, name: str = 'joint'
                 ) -> tuple[Any, Any]:
   """Case 2: the scheduler and the policy trained together, allocator frozen."""
   key = phase_key(train.seed, name)
   sched_params = init_params(Scheduler(model), jax.random.fold_in(key, 0), mec)
   tx_s, tx_p = optax.adam(train.scheduler_lr), optax.adam(train.policy_lr)
-  step = joint_step(tx_s, tx_p, mec, model, train, alloc_params, delay_table)
+  step = joint_step(tx_s, tx_p, mec, model, train, alloc_params, delay)
   state = JointState(TrainState.create(tx_s, sched_params),
                      TrainState.create(tx_p, policy_params), jnp.int32(0))
   chunk = scan_chunk(step, jax.random.fold_in(key, 1), donate=True)
@@ -163,16 +179,21 @@ def train_all(mec: MECConfig, model: ModelConfig, train: TrainConfig,
   with `tune_steps`, the exits the policy picks are tuned after the policy, which is
   then trained again (phases 'tune' and 'policy_tuned')."""
   check_scheduler_training(model, train)
-  allocator = train_allocator(mec, model, train, run)
-  static = (train_allocator(mec, model, train, run, name='static', static=True)
-            if train.static_steps else None)
-  policy = train_policy(mec, model, train, allocator, run) if train.policy_steps else None
+  delay = training_delay(model, mec, train)
+  if train.allocator_from:
+    allocator, static = load_allocators(train.allocator_from, model, train.loss)
+  else:
+    allocator = train_allocator(mec, model, train, run, delay=delay)
+    static = (train_allocator(mec, model, train, run, name='static', static=True,
+                              delay=delay) if train.static_steps else None)
+  policy = (train_policy(mec, model, train, allocator, run, delay=delay)
+            if train.policy_steps else None)
   if train.tune_steps:
-    allocator = tune_allocator(mec, model, train, allocator, policy, run)
-    policy = train_policy(mec, model, train, allocator, run, name='policy_tuned')
+    allocator = tune_allocator(mec, model, train, allocator, policy, run, delay=delay)
+    policy = train_policy(mec, model, train, allocator, run, delay=delay, name='policy_tuned')
   scheduler = None
   if mec.case == 2 and train.joint_steps:
     if policy is None:
       policy = init_params(Policy(model), phase_key(train.seed, 'policy'), mec)
-    scheduler, policy = train_joint(mec, model, train, allocator, policy, run)
+    scheduler, policy = train_joint(mec, model, train, allocator, policy, run, delay=delay)
   return Params(allocator=allocator, static=static, policy=policy, scheduler=scheduler)

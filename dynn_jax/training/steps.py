@@ -43,12 +43,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dynn_jax import ops
+from dynn_jax import delay as delay_model
 from dynn_jax.config import MECConfig
 from dynn_jax.env import (Decision, Slots, edge_delays, importance_weight, local_delay,
                           local_energy, normalized_features)
 from dynn_jax.models import (Allocation, ModelConfig, Policy, Scheduler, StaticAllocator,
-                             all_subnetworks, choose_kl, moe_forward, scheduler_context)
+                             all_subnetworks, choose_kl, moe_forward, policy_context,
+                             scheduler_context)
 from dynn_jax.solvers import equal_split
 from dynn_jax.solvers.objective import edge_user_costs, local_user_costs, resource_prices
 from dynn_jax.training.config import (TrainConfig, miss_temperature, sample_kl,
@@ -101,14 +102,22 @@ def weighted_parts(out: Allocation, slots: Slots, x: Array, config: MECConfig
   return part(t_tra), part(t_com)
 
 
-def pipeline_edge_delay(model: ModelConfig, mec: MECConfig, k, l, x: Array, slots: Slots,
-                        static: bool) -> Array:
-  """Modelled T_inf_edge [...] of the pipeline that runs this allocator (with a policy
-  for the DyNN), as the evaluation counts it."""
-  n_off, n_users = x.sum(-1), slots.mask.sum(-1)
-  if static:
-    return ops.static_inference_delays(model, mec, n_off, n_users).edge
-  return ops.inference_delays(model, mec, k, l, n_off, n_users).edge
+def share_divergence(student: Allocation, teacher: Allocation, x: Array) -> tuple[Array, Array]:
+  """Mean over slots of KL(teacher || student) of the bandwidth shares and of the CPU
+  shares over the offloaded users (in-place distillation; the teacher held fixed)."""
+  def kl(t, s):
+    t = jax.lax.stop_gradient(t)
+    terms = jnp.where(x & (t > 0), t * (jnp.log(jnp.maximum(t, 1e-30))
+                                        - jnp.log(jnp.maximum(s, 1e-30))), 0.0)
+    return terms.sum(-1).mean()
+  return kl(teacher.b_share, student.b_share), kl(teacher.f_share, student.f_share)
+
+
+def load_imbalance(gate: Array) -> Array:
+  """Squared coefficient of variation of the experts' summed gate weights over the
+  batch (Shazeer et al.'s importance loss): 0 when every expert carries the same load."""
+  importance = gate.reshape(-1, gate.shape[-1]).sum(0)
+  return importance.var() / jnp.maximum(importance.mean() ** 2, 1e-30)
 
 
 def objective_loss(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
@@ -130,40 +139,76 @@ def objective_loss(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
 
 def allocator_step(apply: Callable, tx: optax.GradientTransformation, mec: MECConfig,
                    train: TrainConfig, model: ModelConfig, dynamic: bool, total: int = 1,
-                   exits: Callable | None = None):
+                   exits: Callable | None = None, delay: Any = None):
   """One step of SPEC section 4 (two updates; `train.loss == 'paper'`) or one update on
   the smoothed objective ('objective', temperature annealed over `total` steps);
   `apply(params, feats, x, k, l, key)`. Each slot trains the exit (k, l) the
-  progressive schedule samples, or `exits(feats, x)` gives (dynamic only)."""
+  progressive schedule samples; with `exits(feats, x)` (dynamic only) the first half of
+  the batch trains the exits it gives and the rest the schedule's, so that the exits it
+  does not give keep being trained. `delay` is the inference-delay model
+  (`dynn_jax.delay`) of the objective's T_inf. With `train.distill_weight` each exit also
+  fits the largest exit's shares; with `train.balance_weight` the gate's load is
+  balanced (see TrainConfig)."""
   if exits is not None and not dynamic:
     raise ValueError('allocator_step: exits= needs dynamic=True')
+  delay = delay_model.resolve(delay)
+  K, L = model.num_experts, model.max_depth
+  distill = dynamic and train.distill_weight > 0
+  balance = dynamic and train.balance_weight > 0
 
   def step(state: TrainState, key: Array):
     ks, kx, kkl, kn = jax.random.split(key, 4)
     slots = training_slots(ks, mec, train)
     x = sample_offload(kx, slots, train.offload_fraction_min)
     feats = normalized_features(slots, mec)
-    if exits is not None:
-      k, l = exits(feats, x)
-    elif dynamic:
+    if dynamic:
       k, l = sample_kl(kkl, state.step, (train.batch,), train, model)
+      if exits is not None:
+        picked_k, picked_l = exits(feats, x)
+        policy_half = jnp.arange(train.batch) < train.batch // 2
+        k, l = jnp.where(policy_half, picked_k, k), jnp.where(policy_half, picked_l, l)
     else:
       k = l = None
 
+    def extras(params, out):
+      """The distillation and load-balancing terms: (bandwidth part, CPU part, metrics)."""
+      parts, metrics = [0.0, 0.0], {}
+      if distill:
+        teacher = apply(params, feats, x, K, L, kn)
+        kl_b, kl_f = share_divergence(out, teacher, x)
+        parts = [train.distill_weight * kl_b, train.distill_weight * kl_f]
+        metrics['distill'] = kl_b + kl_f
+      if balance:
+        imbalance = load_imbalance(out.gate)
+        parts = [p + train.balance_weight * imbalance for p in parts]
+        metrics['imbalance'] = imbalance
+      return parts, metrics
+
     if train.loss == 'objective':
-      t_inf = pipeline_edge_delay(model, mec, k, l, x, slots, static=not dynamic)
+      t_inf = delay.pipeline(model, mec, k, l, x.sum(-1), slots.mask.sum(-1),
+                             policy=dynamic, static=not dynamic).edge
       temperature = miss_temperature(state.step, total, train)
-      value, grads = jax.value_and_grad(lambda p: objective_loss(
-          apply(p, feats, x, k, l, kn), slots, x, mec, t_inf, temperature))(state.params)
+
+      def objective(params):
+        out = apply(params, feats, x, k, l, kn)
+        value = objective_loss(out, slots, x, mec, t_inf, temperature)
+        parts, metrics = extras(params, out)
+        return value + parts[0] + parts[1], {'loss_objective': value, **metrics}
+
+      (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
       return (state.apply_gradients(tx, grads),
-              {'loss_objective': value, 'miss_temperature': temperature})
+              {**metrics, 'miss_temperature': temperature})
 
     def loss(params, which):
-      return weighted_parts(apply(params, feats, x, k, l, kn), slots, x, mec)[which]
+      out = apply(params, feats, x, k, l, kn)
+      value = weighted_parts(out, slots, x, mec)[which]
+      parts, metrics = extras(params, out)
+      return value + parts[which], {('loss_tra', 'loss_com')[which]: value, **metrics}
 
     params, opt_state, metrics = state.params, state.opt_state, {}
-    for which, name in ((0, 'loss_tra'), (1, 'loss_com')):
-      metrics[name], grads = jax.value_and_grad(loss)(params, which)
+    for which in (0, 1):
+      (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, which)
+      metrics.update(aux)
       params, opt_state = update(tx, params, opt_state, grads)
     return TrainState(params, opt_state, state.step + 1), metrics
   return step
@@ -198,13 +243,6 @@ def local_costs(slots: Slots, mec: MECConfig, t_inf_loc: Array) -> Array:
   return jnp.where(slots.mask, cost, 0.0)
 
 
-def modelled_delay_table(model: ModelConfig, mec: MECConfig, x: Array, slots: Slots):
-  """(T_inf_edge [..., K, L], T_inf_loc [...]) of the DyNN pipeline, modelled."""
-  n_users = slots.mask.sum(-1)
-  table = ops.inference_delay_table(model, mec, x.sum(-1), n_users)
-  return table.edge, jnp.broadcast_to(table.loc, table.edge.shape)[..., 0, 0]
-
-
 def user_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig, t_inf_edge: Array,
                loss: str) -> Array:
   """Per-user edge cost [..., W] of an allocator output: SPEC section 4's C_edge
@@ -216,28 +254,30 @@ def user_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig, t_inf_ed
 
 
 def option_costs(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
-                 x: Array, delay_table: Callable = modelled_delay_table,
-                 loss: str = 'paper') -> Array:
-  """Summed edge cost over the offloaded users of every option (k, l): [..., K * L]."""
-  out = all_subnetworks(model, {'params': alloc_params}, normalized_features(slots, mec), x)
-  t_edge, _ = delay_table(model, mec, x, slots)          # [B, K, L]
+                 x: Array, delay: Any = None, loss: str = 'paper',
+                 feature_config: MECConfig | None = None) -> Array:
+  """Summed edge cost over the offloaded users of every option (k, l), each with its own
+  inference delay in `delay`'s model (`dynn_jax.delay`, the evaluation's): [..., K * L].
+  Features are normalised with `feature_config` (default `mec`)."""
+  feats = normalized_features(slots, mec if feature_config is None else feature_config)
+  out = all_subnetworks(model, {'params': alloc_params}, feats, x)
+  t_edge = delay_model.table(delay, model, mec, x.sum(-1), slots.mask.sum(-1)).edge
   t_edge = jnp.moveaxis(t_edge, (-2, -1), (0, 1))         # [K, L, B]
   cost = user_costs(out, slots, x, mec, t_edge, loss).sum(-1)   # [K, L, B]
   return jnp.moveaxis(cost.reshape((model.num_options,) + cost.shape[2:]), 0, -1)
 
 
 def policy_labels(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
-                  x: Array, delay_table: Callable = modelled_delay_table,
-                  loss: str = 'paper') -> Array:
+                  x: Array, delay: Any = None, loss: str = 'paper') -> Array:
   """Option index minimising the summed edge cost over the offloaded users: [...]."""
-  return jnp.argmin(option_costs(model, mec, alloc_params, slots, x, delay_table, loss), -1)
+  return jnp.argmin(option_costs(model, mec, alloc_params, slots, x, delay, loss), -1)
 
 
 def policy_loss(policy: Policy, params: Any, feats: Array, x: Array, costs: Array,
-                target: str = 'labels') -> Array:
+                target: str = 'labels', context: Array | None = None) -> Array:
   """The policy's loss on slots whose options cost `costs` [..., K * L] (see
   TrainConfig.policy_target)."""
-  logits = policy.apply({'params': params}, feats, x)
+  logits = policy.apply({'params': params}, feats, x, context)
   if target == 'labels':
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmin(costs, -1)).mean()
   best = costs.min(-1, keepdims=True)
@@ -245,9 +285,16 @@ def policy_loss(policy: Policy, params: Any, feats: Array, x: Array, costs: Arra
   return (jax.nn.softmax(logits) * jax.lax.stop_gradient(excess)).sum(-1).mean()
 
 
+def policy_system(key: Array, mec: MECConfig, model: ModelConfig, train: TrainConfig):
+  """The system a policy step's costs are computed in: f_ser drawn as in the joint loop
+  (`training_system`) when the policy reads the server's CPU, else `mec`."""
+  if model.policy_context == 'none':
+    return mec
+  return training_system(key, mec, train)
+
+
 def policy_step(tx: optax.GradientTransformation, mec: MECConfig, model: ModelConfig,
-                train: TrainConfig, alloc_params: Any,
-                delay_table: Callable = modelled_delay_table):
+                train: TrainConfig, alloc_params: Any, delay: Any = None):
   """Supervised pre-training on slots with every task offloaded, allocator frozen."""
   policy = Policy(model)
 
@@ -255,9 +302,12 @@ def policy_step(tx: optax.GradientTransformation, mec: MECConfig, model: ModelCo
     slots = training_slots(key, mec, train)
     x = slots.mask
     feats = normalized_features(slots, mec)
-    costs = option_costs(model, mec, alloc_params, slots, x, delay_table, train.loss)
-    value, grads = jax.value_and_grad(policy_loss, 1)(policy, state.params, feats, x, costs,
-                                                      train.policy_target)
+    env = policy_system(jax.random.fold_in(key, 3), mec, model, train)
+    costs = option_costs(model, env, alloc_params, slots, x, delay, train.loss,
+                         feature_config=mec)
+    value, grads = jax.value_and_grad(policy_loss, 1)(
+        policy, state.params, feats, x, costs, train.policy_target,
+        policy_context(model, env, mec))
     return state.apply_gradients(tx, grads), {'loss_policy': value}
   return step
 
@@ -299,7 +349,7 @@ def congestion_costs(cf: Allocation, slots: Slots, x: Array, mec: MECConfig) -> 
 
 def joint_step(tx_s: optax.GradientTransformation, tx_p: optax.GradientTransformation,
                mec: MECConfig, model: ModelConfig, train: TrainConfig, alloc_params: Any,
-               delay_table: Callable = modelled_delay_table):
+               delay: Any = None):
   """Case 2: one scheduler update (policy gradient) and one policy update (labels under
   the scheduler's offloading) per step, allocator frozen."""
   scheduler, policy = Scheduler(model), Policy(model)
@@ -316,9 +366,10 @@ def joint_step(tx_s: optax.GradientTransformation, tx_p: optax.GradientTransform
 
     p = sched_prob(state.scheduler.params)
     x = slots.mask & (jax.random.uniform(kx, p.shape) < p)
-    logits = policy.apply({'params': state.policy.params}, feats, x)
+    p_context = policy_context(model, env, mec)
+    logits = policy.apply({'params': state.policy.params}, feats, x, p_context)
     k, l = choose_kl(logits, model)
-    t_edge_table, t_loc = delay_table(model, env, x, slots)
+    t_edge_table, t_loc = delay_model.table(delay, model, env, x.sum(-1), slots.mask.sum(-1))
     t_edge = jnp.take_along_axis(
         t_edge_table.reshape(t_edge_table.shape[:-2] + (-1,)),
         ((k - 1) * model.max_depth + l - 1)[..., None], -1)[..., 0]
@@ -344,9 +395,11 @@ def joint_step(tx_s: optax.GradientTransformation, tx_p: optax.GradientTransform
 
     loss_s, grads = jax.value_and_grad(sched_loss)(state.scheduler.params)
     sched = state.scheduler.apply_gradients(tx_s, grads)
-    costs = option_costs(model, env, alloc_params, slots, x, delay_table, train.loss)
+    costs = option_costs(model, env, alloc_params, slots, x, delay, train.loss,
+                         feature_config=mec)
     loss_p, grads = jax.value_and_grad(policy_loss, 1)(policy, state.policy.params, feats,
-                                                       x, costs, train.policy_target)
+                                                       x, costs, train.policy_target,
+                                                       p_context)
     pol = state.policy.apply_gradients(tx_p, grads)
     metrics = {'loss_scheduler': loss_s, 'loss_policy': loss_p,
                'offload_ratio': x.sum() / jnp.maximum(slots.mask.sum(), 1)}
