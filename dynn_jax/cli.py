@@ -12,6 +12,8 @@ The checks every launcher makes before work: `check_range` (finite, in range),
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import math
 import os
 import sys
@@ -129,7 +131,7 @@ def delay_from_flags(model, mec):
   try:
     return latency.load_table(FLAGS.latency_table, model, mec,
                               allow_other_device=FLAGS.allow_other_device)
-  except (FileNotFoundError, IsADirectoryError, ValueError) as e:
+  except (OSError, ValueError) as e:   # missing, a folder, a symlink loop, damaged
     raise app.UsageError(str(e)) from None
 
 
@@ -246,6 +248,12 @@ def training_step_bytes(mec, model, train) -> int:
   return train.batch * mec.width * per_user
 
 
+def evaluation_chunk_bytes(width: int, chunk: int) -> int:
+  """A lower bound on the memory of one evaluation chunk: the sampled slots (6 arrays of
+  [chunk, W]) and one method's decision and per-user costs (about 10 more), float32."""
+  return 16 * 4 * chunk * width
+
+
 def check_training_memory(mec, model, train) -> None:
   check_memory(f'--batch={train.batch} with {mec.width} user positions (--n_users / '
                '--n_max)', training_step_bytes(mec, model, train))
@@ -300,4 +308,22 @@ def run(main) -> None:
   if problem:
     sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
     raise SystemExit(1)
-  app.run(main)
+  app.run(functools.partial(one_line_errors, main))
+
+
+def one_line_errors(main, argv):
+  """`main(argv)` with the failures a user causes or meets ending in one line rather than
+  a traceback: Ctrl-C (every file is written atomically, so what was written stands and
+  a training resumes with --resume) and a full or unwritable disk."""
+  try:
+    return main(argv)
+  except KeyboardInterrupt:
+    sys.stderr.write('interrupted: every file written so far is complete (a training '
+                     'continues with --resume, a reproduction from its points)\n')
+    raise SystemExit(130) from None
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+      raise
+    where = f' writing {e.filename}' if e.filename else ''
+    raise SystemExit(f'stopped{where}: {e.strerror}; nothing half-written was left '
+                     '(files are written atomically): free space and run again') from None

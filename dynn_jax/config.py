@@ -276,6 +276,9 @@ class EnvParams:
   gamma: Any
   mu: Any
   cycles_per_op: Any
+  # Steps per episode, static (it sets scan lengths): 1, one slot per episode. gymnax's
+  # time limit and RolloutWrapper read it; dynn_jax.gym.MECEnv refuses any other value.
+  max_steps_in_episode: int = struct.field(pytree_node=False, default=1)
 
   @property
   def s_max(self):

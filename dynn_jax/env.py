@@ -130,6 +130,12 @@ def sample_slots(key: Array, config: Config, batch: int | None = None,
   dtype = dtype or jnp.zeros(()).dtype  # float64 under jax_enable_x64
   shape = (config.width,) if batch is None else (batch, config.width)
   n = config.n_users if n_users is None else n_users
+  if not isinstance(n, jax.core.Tracer) and np.size(n):
+    bad = [v for v in (np.min(n), np.max(n)) if not 0 <= v <= config.width]
+    if bad:  # the mask would silently clip it to the width
+      raise ValueError(f'sample_slots: n_users = {bad[0].item()!r} is out of range; '
+                       f'allowed range [0, {config.width}] (the padded width, '
+                       'MECConfig.n_max)')
   mask = jnp.broadcast_to(jnp.arange(config.width) < n, shape)
   u = _unit_halves(key, shape, 4 if config.case == 1 else 5, dtype)
   s = config.s_max * _open_low(u[0])

@@ -65,9 +65,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.errno is not None and not e.filename:
+      # A failed write of an open file (a full disk) names no file: name the one meant.
+      raise OSError(e.errno, e.strerror, path) from None
     raise
 
 

@@ -24,7 +24,7 @@ from flax import serialization
 from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.io import seal, tree_digest, unseal, write_bytes_atomic
-from dynn_jax.models import ModelConfig
+from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
 
 NETWORKS_FORMAT = 1
 # The losses a network can be trained with (see dynn_jax.training).
@@ -115,7 +115,39 @@ def load_networks(path: str, expect_mec: MECConfig | None = None,
                            f'{k} (trained {got.to_dict().get(k)!r}, asked '
                            f'{want.to_dict()[k]!r})' for k in diff))
   params = Params(**{k: jax.tree.map(jnp.asarray, v) for k, v in payload['params'].items()})
+  check_params(params, mec, model, path)
   return params, mec, model, meta
+
+
+def _modules(model: ModelConfig) -> dict:
+  return {'allocator': MoEAllocator(model), 'static': StaticAllocator(model),
+          'policy': Policy(model), 'scheduler': Scheduler(model)}
+
+
+def check_params(params: Params, mec: MECConfig, model: ModelConfig, path: str) -> None:
+  """ValueError naming the array, for a network whose arrays are not the shapes and
+  dtypes its configs give, or hold a NaN or an infinity: such a file would evaluate to
+  plausible numbers (a NaN policy always picks the first exit, a NaN scheduler offloads
+  nobody), checksum or not."""
+  for name, module in _modules(model).items():
+    tree = getattr(params, name)
+    if tree is None:
+      continue
+    want = jax.eval_shape(lambda module=module: init_params(module, jax.random.PRNGKey(0),
+                                                            mec))
+    got_leaves = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+    want_leaves = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    for key in sorted(set(got_leaves) | set(want_leaves), key=jax.tree_util.keystr):
+      where = f'{path}: {name}{jax.tree_util.keystr(key)}'
+      if key not in got_leaves or key not in want_leaves:
+        raise ValueError(f'{where} is {"missing" if key not in got_leaves else "unexpected"}'
+                         ' for the configs the file records')
+      got, spec = got_leaves[key], want_leaves[key]
+      if got.shape != spec.shape or got.dtype != spec.dtype:
+        raise ValueError(f'{where} has shape {got.shape} {got.dtype}; its configs give '
+                         f'{spec.shape} {spec.dtype}')
+      if not bool(jnp.isfinite(got).all()):
+        raise ValueError(f'{where} holds NaN or infinite values: the file cannot be used')
 
 
 # ModelConfig fields that shape the allocators (the DyNN and the static network): two

@@ -8,6 +8,7 @@ dynn_jax.evaluation.METHODS, and exit_<k>_<l> (one sub-network for every slot).
 """
 
 import dataclasses
+import sys
 
 import math
 
@@ -69,6 +70,8 @@ def main(argv):
   if mec.case != trained.case:
     raise app.UsageError(f'--case={mec.case} but the networks were trained for case '
                          f'{trained.case}')
+  cli.check_memory(f'--chunk={FLAGS.chunk} with {mec.width} user positions',
+                   cli.evaluation_chunk_bytes(mec.width, min(FLAGS.chunk, FLAGS.slots)))
   if FLAGS.n_active is not None:
     cli.check_range('n_active', FLAGS.n_active, 1, mec.width)
   delay = cli.delay_from_flags(model, mec)
@@ -89,6 +92,9 @@ def main(argv):
                                 progress=Progress('eval', FLAGS.slots, every_s=10.0,
                                                   unit='slot'))
   if not distributed.is_main_process():
+    if FLAGS.out:
+      sys.stderr.write(f'process {FLAGS.process_id}: --out={FLAGS.out} is written by process '
+                       '0 only\n')
     return
   print(f'case {mec.case}, networks {FLAGS.networks} (trained with loss={loss}), '
         f'{results.slots} slots, {results.mode} inference delay, '

@@ -78,6 +78,10 @@ def networks_for(case: int, loss: str = 'paper') -> Networks | None:
 
 
 def main(argv):
+  if FLAGS.retrain and (FLAGS.num_processes or 1) > 1:  # refused before any peer is awaited
+    raise app.UsageError('--retrain runs in one process: train first (launch/train.py), '
+                         f'then reproduce from the networks files with {FLAGS.num_processes} '
+                         'processes')
   processes = distributed.initialize_from_flags()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -113,7 +117,7 @@ def main(argv):
     try:
       delay = latency.load_table(FLAGS.latency_table, first.model, first.mec,
                                  FLAGS.allow_other_device)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:   # missing, a folder, a symlink loop, damaged
       raise app.UsageError(str(e)) from None
   try:
     cost = (cost_study.load_study(FLAGS.cost_study) if os.path.exists(FLAGS.cost_study)

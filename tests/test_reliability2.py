@@ -377,3 +377,109 @@ def test_a_missing_process_ends_in_one_line_within_the_timeout(process_id):
   assert last.startswith(f'error: process {process_id}: the 2 processes did not all join at '
                          '127.0.0.1:'), result.stderr[-2000:]
   assert 'Check failure' not in result.stderr
+
+
+# ------------------------------------------- full disk and Ctrl-C: one line, nothing torn
+
+
+def test_a_full_disk_leaves_the_old_file_and_names_the_new_one(tmp_path, monkeypatch):
+  import errno as errno_module
+  from dynn_jax import io as dio
+  path = tmp_path / 'results.json'
+  dio.write_json_atomic(str(path), {'old': 1})
+  before = path.read_bytes()
+
+  def full(fd):
+    raise OSError(errno_module.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(os, 'fsync', full)
+  with pytest.raises(OSError, match='results.json') as caught:
+    dio.write_json_atomic(str(path), {'new': 2})
+  assert caught.value.errno == errno_module.ENOSPC
+  assert path.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']
+
+
+@pytest.mark.parametrize('error,code,words', [
+    (KeyboardInterrupt(), 130, 'interrupted'),
+    (OSError(28, 'No space left on device', '/x/results.json'), 'stopped writing /x/results.json',
+     'No space left'),
+])
+def test_launchers_end_ctrl_c_and_a_full_disk_in_one_line(error, code, words, capsys):
+  from dynn_jax import cli as dcli
+
+  def main(argv):
+    raise error
+
+  with pytest.raises(SystemExit) as caught:
+    dcli.one_line_errors(main, ['prog'])
+  message = caught.value.code if isinstance(caught.value.code, str) else capsys.readouterr().err
+  if isinstance(code, int):
+    assert caught.value.code == code
+  else:
+    assert code in message
+  assert words in message and '\n' not in message.strip()
+
+
+def test_sample_slots_refuses_more_users_than_the_width():
+  from dynn_jax.env import sample_slots
+  mec = MECConfig(n_users=4, n_max=6)
+  with pytest.raises(ValueError, match=r'n_users = 7 .*allowed range \[0, 6\]'):
+    sample_slots(jax.random.PRNGKey(0), mec, 2, n_users=7)
+  assert sample_slots(jax.random.PRNGKey(0), mec, 2, n_users=6).mask.sum() == 12
+
+
+def test_evaluate_refuses_a_chunk_that_cannot_fit_and_a_latency_table_loop(tmp_path):
+  loop = tmp_path / 'table.json'
+  os.symlink(str(loop), str(loop))
+  for args, words in ((['--chunk=1000000000'], 'needs at least'),
+                      (['--inference_delay=measured', f'--latency_table={loop}'],
+                       'table.json')):
+    result = launch('evaluate.py', '--networks=checkpoints/paper_case1.msgpack',
+                    '--methods=equal_split', '--slots=1000000000', *args, '--dry_run')
+    assert result.returncode != 0
+    assert words in result.stderr and 'Traceback' not in result.stderr, result.stderr
+
+
+def test_networks_with_nan_or_misshapen_arrays_are_refused_naming_the_array(tmp_path):
+  from dynn_jax.models import ModelConfig, MoEAllocator, Policy
+  from dynn_jax.networks import Params, init_params, load_networks, save_networks
+  from dynn_jax.training import TrainConfig
+  mec = MECConfig(n_users=4)
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=4, static_width=4)
+  good = Params(allocator=init_params(MoEAllocator(model), jax.random.PRNGKey(0), mec),
+                policy=init_params(Policy(model), jax.random.PRNGKey(1), mec))
+  path = str(tmp_path / 'networks.msgpack')
+  nan_policy = jax.tree.map(lambda a: a, good.policy)
+  nan_policy['out']['bias'] = nan_policy['out']['bias'].at[0].set(jnp.nan)
+  save_networks(path, good._replace(policy=nan_policy), mec, model, TrainConfig())
+  with pytest.raises(ValueError, match=r"policy\['out'\]\['bias'\] holds NaN"):
+    load_networks(path)
+  wide = init_params(MoEAllocator(model.replace(num_experts=3)), jax.random.PRNGKey(0), mec)
+  save_networks(path, good._replace(allocator=wide), mec, model, TrainConfig())
+  with pytest.raises(ValueError, match=r"allocator\['\w+'\] has shape \(\d+, 3\) float32; its"):
+    load_networks(path)
+
+
+def test_reproduce_retrain_with_peers_is_refused_before_connecting():
+  result = launch('reproduce.py', '--retrain', '--num_processes=2', '--process_id=0',
+                  '--coordinator_address=127.0.0.1:1', timeout=60)
+  assert result.returncode != 0 and '--retrain runs in one process' in result.stderr
+
+
+def test_a_diverging_training_stops_at_the_first_non_finite_loss(tmp_path):
+  from dynn_jax.models import ModelConfig
+  from dynn_jax.runs import RunDir
+  from dynn_jax.training import TrainConfig, TrainingDiverged, train_allocator
+  mec = MECConfig(n_users=4)
+  model = ModelConfig.for_env(mec, num_experts=2, max_depth=2, width=4, static_width=4)
+  train = TrainConfig(batch=4, full_steps=4, width_steps=2, depth_steps=2, static_steps=0,
+                      policy_steps=0, joint_steps=0, steps_per_call=2, alloc_lr=1e30,
+                      checkpoint_every=1)
+  run = RunDir(str(tmp_path / 'run'))
+  with pytest.raises(TrainingDiverged, match=r"phase 'allocator' diverged: non-finite "
+                                             r"loss_\w+.* step \d"):
+    train_allocator(mec, model, train, run)
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  for line in (metrics.read_text().splitlines() if metrics.exists() else []):
+    json.loads(line, parse_constant=lambda name: pytest.fail(f'{name} in metrics.jsonl'))
