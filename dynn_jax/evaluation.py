@@ -256,6 +256,24 @@ def _exhaustive(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   return Outcome(exhaustive_search(slots, setting.mec, own, own), own, own, own)
 
 
+def _ppo(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  """The PPO agent of `launch/train_rl.py` (`dynn_jax.rl`), deterministic: x = p > 0.5
+  (case 2; case 1 offloads everyone), shares the softmax of its means over the offloaded
+  users. Its inference delay is 0 in every mode (modelled, measured, none): the delay
+  model knows the DyNN pipeline's ops and the solvers' run times, not this network, so
+  the agent is treated as free, and its objective is a lower estimate of what it costs.
+  A networks file without an agent, or an agent of the other case, is refused at trace
+  time, before any slot is evaluated."""
+  from dynn_jax.rl.agent import deterministic_decision  # flax only; no gymnax, no optax
+  if params.agent is None:
+    raise ValueError("method 'ppo' needs a trained agent (Params.agent): train one with "
+                     'launch/train_rl.py and pass its networks file')
+  zeros = _zeros(slots)
+  decision = deterministic_decision(params.agent, slots, setting.mec,
+                                    setting.feature_config)
+  return Outcome(decision, zeros, zeros, zeros)
+
+
 METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'policy_moe': _moe_method('none', True),
     'pmrl': _moe_method('none', True),
@@ -272,6 +290,7 @@ METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
     'oracle': _oracle,
     'exhaustive': _exhaustive,
     'hindsight': _hindsight,
+    'ppo': _ppo,
 }
 EXIT_PATTERN = re.compile(r'exit_(\d+)_(\d+)')
 

@@ -37,6 +37,9 @@ class Params(NamedTuple):
   static: Any = None
   policy: Any = None
   scheduler: Any = None
+  # The RL agent of launch/train_rl.py (dynn_jax.rl); files written before it load
+  # without it (None).
+  agent: Any = None
 
 
 def init_params(module, key: jax.Array, mec: MECConfig, *args) -> Any:

@@ -17,7 +17,7 @@ from dynn_jax.io import write_bytes_atomic
 from dynn_jax.models import ModelConfig
 from dynn_jax.quality import HELD_OUT_SEED, quality_gaps
 from dynn_jax.reproduce import OBJECTIVE_PREFIX, SWEEPS, SweepKey
-from dynn_jax.training import TrainConfig
+from dynn_jax.training import TrainConfig, training_delay
 
 
 def objective_gaps(results: dict) -> dict[str, dict[str, float]]:
@@ -62,7 +62,9 @@ def gap_table(gaps: list[list[float]]) -> str:
 def training_summary(mec: MECConfig, model: ModelConfig, train: TrainConfig,
                      params: Params, chunk: int = 8192) -> dict:
   quality = quality_gaps(mec, model, params, min(train.eval_slots, 4096))
-  setting = Setting(mec=mec, model=model, feature_config=mec)
+  # Judged with the delays it was trained for (a measured table's, for a device's policy).
+  setting = Setting(mec=mec, model=model, feature_config=mec,
+                    delay=training_delay(model, mec, train))
   results = evaluate(setting, default_methods(mec, params), params, slots=train.eval_slots,
                      chunk=chunk, seed=HELD_OUT_SEED)
   text = [gap_table(quality['subnetwork_gap'])]
@@ -149,6 +151,36 @@ def objective_gap_table(points: list[dict], value_scale: float) -> str:
   return '\n'.join(lines)
 
 
+POLICIES = ('policy_moe', 'pmrl', OBJECTIVE_PREFIX + 'policy_moe', OBJECTIVE_PREFIX + 'pmrl')
+
+
+def top_picks(stats: dict, count: int = 3) -> str:
+  """A policy method's most picked exits, '(k, l) share%' from its pick_<k>_<l> metrics."""
+  picks = sorted(((m['mean'], name[5:]) for name, m in stats.items()
+                  if name.startswith('pick_') and m['mean'] > 0), reverse=True)
+  return ', '.join(f'({kl.replace("_", ", ")}) {100 * share:.0f}%'
+                   for share, kl in picks[:count])
+
+
+def picks_table(points: list[dict], value_scale: float) -> str | None:
+  """Per point, each policy's most picked exits and its gap to its pipeline's hindsight
+  (each slot's best exit) on the objective; None when no policy ran."""
+  first = points[0]['results']
+  policies = [m for m in POLICIES if m in first]
+  if not policies:
+    return None
+  lines = ['| value | ' + ' | '.join(f'{m}: picks (vs hindsight)' for m in policies) + ' |',
+           '|---' * (len(policies) + 1) + '|']
+  for p in points:
+    r, cells = p['results'], []
+    for m in policies:
+      hind = m.replace('policy_moe', 'hindsight').replace('pmrl', 'hindsight')
+      gap = (f' ({100 * (r.mean(m) / r.mean(hind) - 1):+.2f}%)' if hind in r else '')
+      cells.append(top_picks(r[m]) + gap)
+    lines.append(f'| {p["value"] * value_scale:g} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def headline_table(results: EvalResult) -> str:
   """One point's methods, best objective first, with their gaps to the oracle and bound."""
   gaps = objective_gaps(results)
@@ -223,7 +255,12 @@ def conclusions(sweeps: dict, nets: dict) -> list[str]:
   lines = []
   checks = {1: [('oracle', w, 'objective') for w in ('kkt_weighted', 'equal_split', 'ga')]
                + [(OBJ + 'policy_moe', w, 'objective')
-                  for w in ('equal_split', 'ga', 'policy_moe')],
+                  for w in ('equal_split', 'ga', 'policy_moe')]
+               # Paper Fig. 5: the policy below every fixed-size network, both pipelines.
+               + [('policy_moe', w, m) for w in ('fix_moe', 'fix_width', 'fix_depth', 'static')
+                  for m in ('objective', 'mean_delay')]
+               + [(OBJ + 'policy_moe', OBJ + w, m) for w in ('fix_moe', 'static')
+                  for m in ('objective', 'mean_delay')],
             2: [('oracle', w, 'objective') for w in ('kkt_weighted', 'ga', 'random')]
                + [(f'{pre}pmrl', w, m) for pre in ('', OBJ) for w in ('local', 'random')
                   for m in ('objective', 'mean_delay')]
@@ -242,11 +279,26 @@ def conclusions(sweeps: dict, nets: dict) -> list[str]:
           share = point['results'][name]['inference_share']['mean']
           lines.append(f'- Case {case}, default point: {name} is '
                        f'{100 * gaps[name]["oracle"]:+.2f}% from the oracle on the objective, '
-                       f'inference share {100 * share:.2f}% of the total delay.')
+                       f'inference share {100 * share:.2f}% of the total delay; '
+                       + gap_terms(compared(point, 'oracle'), name, nets[case].mec) + '.')
       if 'bound' in gaps.get('oracle', {}):
         lines.append(f'- Case {case}, default point: the oracle is within '
                      f'{100 * gaps["oracle"]["bound"]:.2f}% of the lower bound.')
   return lines
+
+
+def gap_terms(results: EvalResult, name: str, mec: MECConfig) -> str:
+  """Where a method's gap to the oracle comes from: the objective's delay, energy and
+  miss terms (alpha N mean delay, beta energy, delta N miss ratio per slot), each as a
+  share of the oracle's objective."""
+  base = results.mean('oracle')
+  terms = {'delay': mec.alpha * mec.n_users * (results.mean(name, 'mean_delay')
+                                               - results.mean('oracle', 'mean_delay')),
+           'energy': mec.beta * (results.mean(name, 'total_energy')
+                                 - results.mean('oracle', 'total_energy')),
+           'misses': mec.delta * mec.n_users * (results.mean(name, 'miss_ratio')
+                                                - results.mean('oracle', 'miss_ratio'))}
+  return 'of it ' + ', '.join(f'{k} {100 * v / base:+.2f}%' for k, v in terms.items())
 
 
 def default_point(points: list[dict], s_avg: float) -> dict | None:
@@ -374,6 +426,10 @@ def report(sweeps: dict, exits: dict | None, cost: dict | None, mode: str,
               paper_comparison(points, paper.INFERENCE_SHARE, 'inference_share', 1.0), '',
               '### Counted ops actually run (Fig. 10), millions', '',
               sweep_table(points, 'ops', 1e-6, value_scale), '']
+    picks = picks_table(points, value_scale)
+    if picks:
+      out += ['### The policies\' picks (share of slots per exit) and their gap to hindsight '
+              'on the objective', '', picks, '']
     out += ['### Ordering', '', ordering_checks(points, DELAY_PAIRS[case], 'mean_delay'),
             ordering_checks(points, OBJECTIVE_PAIRS[case], 'objective'), '']
   out += table_one(nets, sweeps.get(SweepKey(1, 'data_large')), mode == 'measured')

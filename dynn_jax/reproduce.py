@@ -34,14 +34,16 @@ SWEEPS = {
     # Beyond the paper: the weight of a miss decides which yardstick wins (SPEC section 7).
     'delta': ('delta', [0.0, 0.005, 0.01, 0.02, 0.05, 0.1], 'miss weight delta', 1.0),
 }
+# 'hindsight' (each slot's best exit) bounds what any policy over the networks can do.
 METHODS = {
-    1: ('policy_moe', 'fix_width', 'fix_depth', 'fix_moe', 'static', 'kkt_weighted', 'equal_split',
-        'oracle'),
+    1: ('policy_moe', 'hindsight', 'fix_width', 'fix_depth', 'fix_moe', 'static',
+        'kkt_weighted', 'equal_split', 'oracle'),
     2: ('pmrl', 'fix_moe', 'static', 'kkt_weighted', 'random', 'local', 'oracle'),
 }
-LARGE_DATA_METHODS = ('policy_moe', 'fix_moe', 'static')
+LARGE_DATA_METHODS = ('policy_moe', 'hindsight', 'fix_moe', 'static')
 # The objective-trained networks' methods, stored as OBJECTIVE_PREFIX + name.
-OBJECTIVE_METHODS = {1: ('policy_moe', 'fix_moe', 'static'), 2: ('pmrl', 'fix_moe', 'static')}
+OBJECTIVE_METHODS = {1: ('policy_moe', 'hindsight', 'fix_moe', 'static'),
+                     2: ('pmrl', 'fix_moe', 'static')}
 OBJECTIVE_PREFIX = 'obj_'
 CASE_SWEEPS = {1: ('data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'),
                2: ('data', 'workload', 'tasks', 'cpu')}
@@ -53,7 +55,7 @@ RESULT_SCHEMA = {'methods': DictOf(DictOf(_STAT, min_len=1), min_len=1), 'slots'
                  'bound': Optional(_STAT), 'slots_of': DictOf(Integer(1))}
 # Bumped when a point gains a part, so that points written before are recomputed
 # (2: the oracle beside the GA on the GA's slots, `ga_yardstick`).
-POINT_LAYOUT = 2
+POINT_LAYOUT = 3   # 3: hindsight in case 1, the policies' picks
 POINT_SCHEMA = {'sweep': OneOf(tuple(SWEEPS)), 'value': float, 'settings': dict,
                 'results': RESULT_SCHEMA, 'yardstick': Optional(RESULT_SCHEMA),
                 'ga_yardstick': Optional(RESULT_SCHEMA),
@@ -266,7 +268,7 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
     case, sweep = key
     large = sweep == 'data_large'
     methods = LARGE_DATA_METHODS if large else METHODS[case]
-    obj_methods = (('policy_moe',) if large else OBJECTIVE_METHODS[case])
+    obj_methods = (('policy_moe', 'hindsight') if large else OBJECTIVE_METHODS[case])
     obj = objective.get(case)
     settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
                 'ga_slots': 0 if large else ga_slots,

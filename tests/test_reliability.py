@@ -19,7 +19,8 @@ from absl import app
 
 from dynn_jax import MECConfig, cli, cost_study, io, latency, runs
 from dynn_jax.evaluation import Params
-from dynn_jax.models import ModelConfig
+from dynn_jax.models import ModelConfig, MoEAllocator
+from dynn_jax.networks import init_params
 from dynn_jax.runs import RunDir
 from dynn_jax.training import TrainConfig, load_networks, save_networks, train_allocator
 
@@ -44,10 +45,8 @@ def flip_byte(path, offset):
 
 @pytest.fixture(scope='module')
 def networks():
-  # Any tree of arrays is a networks file's content; no model needs to run here.
-  rng = np.random.default_rng(0)
-  return Params(allocator={'layer1_kernel': rng.normal(size=(2, 5, 4)).astype(np.float32),
-                           'layer2_kernel': rng.normal(size=(2, 4, 4)).astype(np.float32)})
+  # Real (untrained) networks: a file's arrays must have the shapes its configs give.
+  return Params(allocator=init_params(MoEAllocator(MODEL), jax.random.PRNGKey(0), MEC))
 
 
 # ----------------------------------------------------------- item 2: checksums

@@ -143,7 +143,8 @@ def test_case2_pipeline_trains_every_network(loss, tmp_path):
                       server_cpu_scale_min=0.4 if objective else 1.0,
                       server_cpu_scale_max=2.0 if objective else 1.0)
   params = train_all(mec, model, train)
-  assert all(p is not None for p in params)
+  assert all(getattr(params, n) is not None
+             for n in ('allocator', 'static', 'policy', 'scheduler'))
   for leaf in jax.tree.leaves(params):
     assert np.all(np.isfinite(np.asarray(leaf)))
   path = str(tmp_path / 'networks.msgpack')
