@@ -77,7 +77,7 @@ class Setting:
 OFFLOADING_METHODS = ('random', 'local', 'exhaustive')
 NEEDS = {'policy_moe': ('allocator', 'policy'), 'pmrl': ('allocator', 'policy', 'scheduler'),
          'fix_width': ('allocator', 'policy'), 'fix_depth': ('allocator', 'policy'),
-         'fix_moe': ('allocator',), 'static': ('static',)}
+         'fix_moe': ('allocator',), 'static': ('static',), 'ppo': ('agent',)}
 
 
 def _zeros(slots: Slots) -> Array:
@@ -329,7 +329,7 @@ def _problem(name: str, params: Params, mec: MECConfig, model: ModelConfig | Non
   if name == 'exhaustive' and mec.width > 12:
     return f"method 'exhaustive' needs N_max <= 12, got {mec.width}"
   needs = NEEDS.get(name, ('allocator',) if kl is not None or name == 'hindsight' else ())
-  if needs and mec.case == 2:  # every network pipeline offloads with the scheduler
+  if needs and mec.case == 2 and 'agent' not in needs:  # pipelines offload by scheduler
     needs = needs + ('scheduler',) * ('scheduler' not in needs)
   missing = [n for n in needs if getattr(params, n) is None]
   if missing:

@@ -8,7 +8,10 @@ observation, the action format and the reward; the physics stays in `dynn_jax.en
 Its static fields (case, padded width W, the feature ranges) are fixed at construction;
 its methods are pure functions of (key, state, action, params), so `jax.jit` and
 `jax.vmap` take them as they are. Two envs built from equal configs are equal (and hash
-alike), so gymnax's jitted `step` / `reset` (static `self`) compile once for both.
+alike), so gymnax's jitted `step` / `reset` (static `self`) compile once for both. This
+module needs the RL extra (gymnax); the share arithmetic it applies (`SHARE_MIN`,
+`normalize_shares`, `logit_shares`) lives in `dynn_jax.rl.actions`, which imports no
+gymnax (the evaluation runs agents with it), and is re-exported here.
 
 * One episode is one slot: `reset` draws a slot with `sample_slots(key, params)`, and
   the first `step` scores the decision for it and ends the episode (`terminated` is
@@ -76,7 +79,6 @@ Example, a random agent on 64 slots at once::
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -90,19 +92,15 @@ from gymnax.wrappers.purerl import GymnaxWrapper
 from dynn_jax.config import EnvParams, MECConfig
 from dynn_jax.env import (NUM_FEATURES, Decision, Slots, normalized_features, sample_slots,
                           slot_costs)
+# The share arithmetic lives where the evaluation can read it without gymnax; re-exported.
+from dynn_jax.rl.actions import (LOGIT_LIMIT, SHARE_MIN, logit_shares,  # noqa: F401
+                                 normalize_shares, shares_decision)
 
 Array = jax.Array
 
 OBS_COLUMNS = NUM_FEATURES + 1
-# Lower bound of a share in the action space: the smallest share an offloaded user can
-# be given relative to the largest (1). Small enough that no allocation worth making is
-# cut off (the oracle's compute shares span about 1e-4 at 16-bit sampling resolution),
-# large enough that SHARE_MIN / W of any budget in MECConfig's ranges is a positive
-# float32 and the delay it gives a finite one.
-SHARE_MIN = 1e-6
-# Bound of the flat action's share entries: exp(2 FLAT_LIMIT) = 1 / SHARE_MIN, so that
-# [-FLAT_LIMIT, FLAT_LIMIT] decodes onto [SHARE_MIN, 1] (`FlatActionWrapper`).
-FLAT_LIMIT = 0.5 * math.log(1.0 / SHARE_MIN)
+# The flat action's bound: its share entries are logits (`logit_shares`).
+FLAT_LIMIT = LOGIT_LIMIT
 
 
 @struct.dataclass
@@ -132,19 +130,6 @@ class Bits(spaces.Box):
 def split_obs(obs: Array) -> tuple[Array, Array]:
   """obs [..., W, 6] -> (features [..., W, 5], user mask bool [..., W])."""
   return obs[..., :NUM_FEATURES], obs[..., NUM_FEATURES] > 0.5
-
-
-def normalize_shares(share: Array, x: Array) -> Array:
-  """Non-negative shares summing to 1 over `x` (equal split if all are 0), 0 elsewhere;
-  NaN over `x` where a share there is NaN or infinite (not the equal split: that would
-  score a broken action as a valid one)."""
-  share = jnp.where(x, jnp.maximum(share, 0.0), 0.0)
-  total = share.sum(-1, keepdims=True)
-  count = x.sum(-1, keepdims=True).astype(share.dtype)
-  equal = jnp.where(x, 1.0 / jnp.maximum(count, 1.0), 0.0)
-  # The safe denominator keeps gradients finite on the equal-split branch.
-  shares = jnp.where(total > 0, share / jnp.where(total > 0, total, 1.0), equal)
-  return jnp.where(jnp.isfinite(total), shares, jnp.where(x, jnp.nan, 0.0))
 
 
 def _float_dtype():
@@ -295,8 +280,7 @@ class MECEnv(environment.Environment[EnvState, EnvParams]):
     params = self._params(params)
     x, b_share, f_share = self._check_action(action)
     x = slots.mask if self.case == 1 else slots.mask & (x != 0)
-    return Decision(x=x, b=normalize_shares(b_share, x) * params.b_max,
-                    f=normalize_shares(f_share, x) * params.f_ser)
+    return shares_decision(x, b_share, f_share, params)
 
   def _check_action(self, action) -> Action:
     # Shapes are known at trace time, so a wrong action fails at the call, not as a
@@ -351,9 +335,9 @@ class FlatActionWrapper(GymnaxWrapper):
 
   The action a has 3 W entries in [-FLAT_LIMIT, FLAT_LIMIT] (`decode`): the first W are
   the offloading bits, x = a > 0 (ignored in case 1); the next W the bandwidth shares
-  and the last W the CPU shares, each share exp(a - FLAT_LIMIT), a strictly positive
-  map onto [SHARE_MIN, 1] that the env normalises over the offloaded users (a softmax of
-  the entries, in effect). Every value decodes into the env's action space, so every
+  and the last W the CPU shares, each share `logit_shares(a)` = exp(a - FLAT_LIMIT), a
+  strictly positive map onto [SHARE_MIN, 1] that the env normalises over the offloaded
+  users (a softmax of the entries, in effect). Every value decodes into the env's action space, so every
   action gets a finite reward. Out-of-range entries are **mapped, not refused** (RL
   libraries run the step under jit, where nothing can raise, and one NaN reward would
   spoil a learner's statistics): entries beyond the bounds are clipped to them, ±inf
@@ -382,11 +366,10 @@ class FlatActionWrapper(GymnaxWrapper):
                        'jax.vmap for a batch of episodes)')
     if not jnp.issubdtype(action.dtype, jnp.floating):
       action = action.astype(_float_dtype())
-    a = jnp.clip(jnp.nan_to_num(action, nan=0.0), -FLAT_LIMIT, FLAT_LIMIT)
+    a = jnp.nan_to_num(action, nan=0.0)
     w = self.width
-    # exp(-2 FLAT_LIMIT) may round a hair below SHARE_MIN: the floor keeps it inside.
-    share = lambda z: jnp.maximum(jnp.exp(z - FLAT_LIMIT), SHARE_MIN).astype(a.dtype)
-    return Action(x=a[:w] > 0, b_share=share(a[w:2 * w]), f_share=share(a[2 * w:]))
+    return Action(x=a[:w] > 0, b_share=logit_shares(a[w:2 * w]),
+                  f_share=logit_shares(a[2 * w:]))
 
   @functools.partial(jax.jit, static_argnames=('self',))
   def _step(self, key, state, action, params):
@@ -405,3 +388,9 @@ class FlatActionWrapper(GymnaxWrapper):
 
   def __hash__(self) -> int:
     return hash((type(self), self._env))
+
+  def __deepcopy__(self, memo) -> 'FlatActionWrapper':
+    # Immutable, so a copy is itself; copying it field by field would recurse forever in
+    # GymnaxWrapper.__getattr__ (a copy has no `_env` yet). RL libraries that deep-copy
+    # their config (rejax) copy the env in it.
+    return self

@@ -70,7 +70,8 @@ def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
     return  # run in full by the tiny_networks fixture
   if flagfile not in FULL_RUNS:
     result = run(script, f'--flagfile={flagfile}', '--dry_run',
-                 *(['--run_dir', str(tmp_path / 'run')] if script == 'train.py' else []))
+                 *(['--run_dir', str(tmp_path / 'run')] if script in ('train.py', 'train_rl.py')
+                   else []))
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'dry run: every flag checked' in result.stdout
     assert not (tmp_path / 'run').exists()
