@@ -90,6 +90,9 @@ def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
   assert result.returncode == 0, result.stderr[-3000:]
   if script != 'train.py':
     assert expected.exists()
+  if script == 'evaluate.py':  # a result says which slots it holds
+    written = json.loads(expected.read_text())
+    assert {'seed', 'chunk', 'inference_delay'} <= set(written), sorted(written)
   if script == 'reproduce.py':  # a second run reads every point back: resume
     points = sorted((tmp_path / 'points').iterdir())
     assert {'yardstick', 'ga_yardstick'} <= set(json.loads(points[0].read_text()))

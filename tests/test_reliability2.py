@@ -483,3 +483,30 @@ def test_a_diverging_training_stops_at_the_first_non_finite_loss(tmp_path):
   metrics = tmp_path / 'run' / 'metrics.jsonl'
   for line in (metrics.read_text().splitlines() if metrics.exists() else []):
     json.loads(line, parse_constant=lambda name: pytest.fail(f'{name} in metrics.jsonl'))
+
+
+# ------------------------------------------------------------- seeds, slots, resume
+
+
+def test_seeds_beyond_the_prngs_32_bits_are_refused():
+  from dynn_jax import ConfigError
+  from dynn_jax.training import TrainConfig
+  with pytest.raises(ConfigError, match='seed'):
+    TrainConfig(seed=2 ** 32)
+  assert TrainConfig(seed=2 ** 32 - 1).seed == 2 ** 32 - 1
+  for script, args in (('evaluate.py', ['--networks=checkpoints/paper_case1.msgpack',
+                                        '--seed=4294967296']),
+                       ('train_cost.py', ['--seeds=0,4294967296']),
+                       ('evaluate.py', ['--networks=checkpoints/paper_case1.msgpack',
+                                        '--slots=1']),
+                       ('reproduce.py', ['--model_size_slots=-5'])):
+    result = launch(script, *args, '--dry_run')
+    assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr
+    assert any(w in result.stderr for w in ('seed', 'slots')), result.stderr
+
+
+def test_resume_of_a_missing_run_directory_is_refused(tmp_path):
+  result = launch('train.py', '--flagfile=launch/flags/quick.flags',
+                  f'--run_dir={tmp_path / "misspelt"}', '--resume', '--dry_run')
+  assert result.returncode != 0 and 'is not a run directory' in result.stderr
+  assert not (tmp_path / 'misspelt').exists()
