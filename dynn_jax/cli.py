@@ -102,6 +102,21 @@ def training_configs():
   return mec, model, train
 
 
+def define_run_flags() -> None:
+  """--run_dir and --resume, for the launchers that train into a run directory."""
+  flags.DEFINE_string('run_dir', None, 'Run directory (config, metrics, checkpoints, '
+                      'summary).')
+  flags.DEFINE_bool('resume', False, 'Continue the run in --run_dir from its checkpoints.')
+
+
+def check_run_args(argv) -> None:
+  """Usage errors for positional arguments or a missing --run_dir (`define_run_flags`)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS.run_dir:
+    raise app.UsageError('--run_dir is required')
+
+
 def define_delay_flags(modes=('none', 'modelled', 'measured')) -> None:
   """--inference_delay, --latency_table and --allow_other_device (`delay_from_flags`)."""
   flags.DEFINE_enum('inference_delay', 'modelled', list(modes),

@@ -17,18 +17,14 @@ from absl import app, flags
 from dynn_jax import cli, runs, training
 from dynn_jax.io import NonFiniteError
 
-flags.DEFINE_string('run_dir', None, 'Run directory (config, metrics, checkpoints, summary).')
-flags.DEFINE_bool('resume', False, 'Continue the run in --run_dir from its checkpoints.')
+cli.define_run_flags()
 flags.DEFINE_integer('eval_chunk', 8192, 'Slots per compiled evaluation chunk.')
 cli.define_training_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS.run_dir:
-    raise app.UsageError('--run_dir is required')
+  cli.check_run_args(argv)
   mec, model, train = cli.training_configs()
   cli.check_range('eval_chunk', FLAGS.eval_chunk, 1)
   cli.check_training_memory(mec, model, train)

@@ -22,8 +22,7 @@ from dynn_jax.io import NonFiniteError
 from dynn_jax.rl.ppo import PPOConfig, check_case, run_config, train_and_save
 from dynn_jax.training import TrainingDiverged
 
-flags.DEFINE_string('run_dir', None, 'Run directory (config, metrics, checkpoints, summary).')
-flags.DEFINE_bool('resume', False, 'Continue the run in --run_dir from its checkpoint.')
+cli.define_run_flags()
 flags.DEFINE_string('export', None, 'Also write the networks file here (e.g. '
                     'checkpoints/ppo_case2.msgpack).')
 cli.define_flags(MECConfig)
@@ -32,10 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS.run_dir:
-    raise app.UsageError('--run_dir is required')
+  cli.check_run_args(argv)
   mec, config = cli.from_flags(MECConfig), cli.from_flags(PPOConfig)
   try:
     check_case(config, mec)
