@@ -184,8 +184,7 @@ def _hindsight(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
     objective, _, _ = exit_objectives(setting, out, m, s)
     option = jnp.argmin(objective.reshape(objective.shape[:-2] + (-1,)), -1)
     flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out._replace(gate=None))
-    pick = lambda a: jnp.take_along_axis(
-        a, option[None, :, None], 0)[0] if a is not None else None
+    pick = lambda a: jnp.take_along_axis(a, option[None, :, None], 0)[0]
     return pick(flat.b_share), pick(flat.f_share), option
 
   b_share, f_share, option = blocked(best)(feats, x, slots)

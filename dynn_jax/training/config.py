@@ -29,7 +29,7 @@ Array = jax.Array
 SCHEDULES = ('progressive', 'scratch')
 DYNAMIC = ('full', 'width', 'depth')
 POLICY_TARGETS = ('labels', 'expected_cost')
-INFERENCE_DELAYS = ('none', 'modelled', 'measured')
+INFERENCE_DELAYS = delay_model.MODES
 SCALE_LAWS = ('uniform', 'log_uniform')
 
 
