@@ -7,6 +7,10 @@ that names the flag and the allowed range, before any work starts.
 The checks every launcher makes before work: `check_range` (finite, in range),
 `check_writable` (output paths), `check_memory` (sizes that cannot fit), and `run`
 (absl's `app.run` after checking that every --flagfile is readable text).
+
+Flagfiles have one reader, `flagfile_lines` (absl's rules): `flagfile_problem` checks the
+ones a command line names, `read_flagfile` turns a training flagfile into its configs
+without absl (for `launch/reproduce.py --retrain`).
 """
 
 from __future__ import annotations
@@ -14,31 +18,49 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import json
 import math
 import os
 import sys
 import typing
+from typing import Any, NamedTuple
 
+import jax
 from absl import app, flags
+
+from dynn_jax import delay, latency
+from dynn_jax.config import ConfigError, MECConfig
+from dynn_jax.models import ModelConfig
+from dynn_jax.training.config import TrainConfig, check_scheduler_training
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('dry_run', False, 'Parse and check every flag and input file, print the '
                   'resolved configuration and stop before any work.')
 
 
-def _kind(cls, field: dataclasses.Field):
-  hint = typing.get_type_hints(cls)[field.name]
-  args = [a for a in typing.get_args(hint) if a is not type(None)]
-  return args[0] if args else hint
+# Not a flag: the model's user axis follows the system's width.
+MODEL_DERIVED = ('max_users',)
+
+
+def _field_kinds(cls, skip: tuple[str, ...] = ()) -> dict[str, type]:
+  """Each field's type but `skip`'s, `X | None` read as X (a flag cannot say None)."""
+  hints = typing.get_type_hints(cls)
+  kinds = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in skip:
+      args = [a for a in typing.get_args(hints[field.name]) if a is not type(None)]
+      kinds[field.name] = args[0] if args else hints[field.name]
+  return kinds
 
 
 def define_flags(cls, prefix: str = '', skip: tuple[str, ...] = ()) -> None:
-  for field in dataclasses.fields(cls):
-    name = prefix + field.name
-    if name in FLAGS or field.name in skip:
+  defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+  for field_name, kind in _field_kinds(cls, skip).items():
+    name = prefix + field_name
+    if name in FLAGS:
       continue
-    kind, default = _kind(cls, field), field.default
-    help_text = f'{cls.__name__}.{field.name}'
+    default = defaults[field_name]
+    help_text = f'{cls.__name__}.{field_name}'
     if kind is bool:
       flags.DEFINE_bool(name, default, help_text)
     elif kind is int:
@@ -76,22 +98,15 @@ def check_range(name: str, value, low=None, high=None) -> None:
 
 
 def define_training_flags() -> None:
-  """Flags for every field of MECConfig, ModelConfig (max_users follows the system's
-  width) and TrainConfig."""
-  from dynn_jax.config import MECConfig
-  from dynn_jax.models import ModelConfig
-  from dynn_jax.training import TrainConfig
+  """Flags for every field of MECConfig, ModelConfig (but MODEL_DERIVED) and
+  TrainConfig."""
   define_flags(MECConfig)
-  define_flags(ModelConfig, skip=('max_users',))
+  define_flags(ModelConfig, skip=MODEL_DERIVED)
   define_flags(TrainConfig)
 
 
 def training_configs():
   """(MECConfig, ModelConfig, TrainConfig) from the flags of `define_training_flags`."""
-  from dynn_jax.config import MECConfig
-  from dynn_jax.models import ModelConfig
-  from dynn_jax.training import TrainConfig
-  from dynn_jax.training.config import check_scheduler_training
   mec = from_flags(MECConfig)
   model, train = from_flags(ModelConfig, max_users=mec.width), from_flags(TrainConfig)
   try:
@@ -134,7 +149,6 @@ def define_delay_flags(modes=('none', 'modelled', 'measured')) -> None:
 def delay_from_flags(model, mec):
   """The delay model of the flags of `define_delay_flags`, its table loaded and checked
   against the model, the width and this device (usage errors before any work)."""
-  from dynn_jax import delay, latency
   mode = FLAGS.inference_delay
   if mode != 'measured':
     if FLAGS.latency_table:
@@ -153,7 +167,6 @@ def delay_from_flags(model, mec):
 def stop_if_dry_run(**resolved) -> None:
   """With --dry_run: print what would run and exit successfully."""
   if FLAGS.dry_run:
-    import json
     print(json.dumps(resolved, indent=2, sort_keys=True, default=str))
     print('dry run: every flag checked, nothing run')
     raise SystemExit(0)
@@ -220,7 +233,6 @@ def machine_memory() -> tuple[int, str]:
   cgroup = _cgroup_limit()
   if cgroup:
     limits.append((cgroup, 'container memory limit'))
-  import jax  # after flag parsing: the backend starts here
   device = jax.local_devices()[0]
   if device.platform != 'cpu':
     try:
@@ -291,29 +303,134 @@ def _flagfile_args(args: list[str]):
       yield os.path.expanduser(arg.split('=', 1)[1].strip())
 
 
-def flagfile_problem(args: list[str], _stack: tuple[str, ...] = ()) -> str | None:
+def flagfile_lines(path: str, stack: tuple[str, ...] = ()):
+  """('file:line', line) of each flag line of a flagfile, read as absl reads it: blank
+  lines and `#` or `//` comments skipped, a nested `--flagfile=` read in place (named
+  relative to the working directory; an empty or circular one ignored), every other
+  line stripped. `stack`: the files that named this one.
+
+  Raises ConfigError, one line naming the file (and the files that named it), for a file
+  that cannot be read, a binary file or one that is not UTF-8 text.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise ConfigError(f'--flagfile={path}: cannot be read ({e.strerror or e})') from None
+  if b'\0' in data:
+    raise ConfigError(f'--flagfile={path}: a binary file, not a flagfile of text lines')
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'--flagfile={path}: not UTF-8 text (byte 0x{data[e.start]:02x} at '
+                      f'offset {e.start})') from None
+  for number, line in enumerate(text.splitlines(), 1):
+    if line.isspace() or not line or line.startswith(('#', '//')):
+      continue
+    if line.startswith(('--flagfile=', '-flagfile=')):
+      nested = os.path.expanduser(line.split('=', 1)[1].strip())
+      if nested and nested not in stack + (path,):
+        try:
+          yield from flagfile_lines(nested, stack + (path,))
+        except ConfigError as e:
+          raise ConfigError(f'{e} (named in {path})') from None
+      continue
+    yield f'{path}:{number}', line.strip()
+
+
+def flagfile_problem(args: list[str]) -> str | None:
   """Why a flagfile named in `args` (or nested in one) cannot be read as text, or None."""
   for path in _flagfile_args(args):
-    if not path or path in _stack:
-      continue  # absl ignores empty and circular flagfiles
+    if not path:
+      continue  # absl ignores an empty flagfile name
     try:
-      with open(path, 'rb') as f:
-        data = f.read()
-    except OSError as e:
-      return f'--flagfile={path}: cannot be read ({e.strerror or e})'
-    if b'\0' in data:
-      return f'--flagfile={path}: a binary file, not a flagfile of text lines'
-    try:
-      text = data.decode('utf-8')
-    except UnicodeDecodeError as e:
-      return (f'--flagfile={path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset '
-              f'{e.start})')
-    nested = [line.strip() for line in text.splitlines()
-              if line.startswith(('--flagfile=', '-flagfile='))]
-    problem = flagfile_problem(nested, _stack + (path,))
-    if problem:
-      return f'{problem} (named in {path})'
+      for _ in flagfile_lines(path):
+        pass
+    except ConfigError as e:
+      return str(e)
   return None
+
+
+# launch/train.py's own flags (`define_run_flags`, --eval_chunk), which a training
+# flagfile may set too.
+LAUNCHER_FLAGS = {'run_dir': str, 'resume': bool, 'eval_chunk': int}
+_TRUE, _FALSE = ('true', 't', '1'), ('false', 'f', '0')
+_EXPECTED = {bool: 'true or false', int: 'an integer', float: 'a finite number',
+             str: 'a value'}
+
+
+class TrainingFlags(NamedTuple):
+  mec: MECConfig
+  model: ModelConfig
+  train: TrainConfig
+  launcher: dict  # the LAUNCHER_FLAGS the flagfile sets, typed
+
+
+def read_flagfile(path: str) -> TrainingFlags:
+  """The configs of a `launch/train.py` flagfile without absl: `--name=value` lines
+  (`--name` and `--noname` for booleans), read by `flagfile_lines`; a later value wins.
+  Fields not set keep their defaults.
+
+  Raises ConfigError naming the file and line of an unknown name or a value of the
+  wrong type, and the field of a value its config refuses.
+  """
+  kinds = dict(LAUNCHER_FLAGS)
+  owners: dict[str, list[type]] = {}
+  for cls in (MECConfig, ModelConfig, TrainConfig):
+    skip = MODEL_DERIVED if cls is ModelConfig else ()
+    for name, kind in _field_kinds(cls, skip).items():
+      kinds[name] = kind
+      owners.setdefault(name, []).append(cls)
+  values = {cls: {} for cls in (MECConfig, ModelConfig, TrainConfig)}
+  launcher = {}
+  for where, line in flagfile_lines(path):
+    if line.lstrip('-') == '' or not line.startswith('-'):
+      raise ConfigError(f'{where}: {line!r} is not a --name=value flag')
+    name, eq, text = line.lstrip('-').partition('=')
+    text = text if eq else None
+    if name not in kinds and name.startswith('no') and kinds.get(name[2:]) is bool \
+        and text is None:
+      name, text = name[2:], 'false'
+    if name not in kinds:
+      raise ConfigError(f'{where}: unknown flag --{name} (a training flagfile sets fields of '
+                        'MECConfig, ModelConfig, TrainConfig or '
+                        f'{", ".join("--" + n for n in LAUNCHER_FLAGS)})')
+    value = _convert(kinds[name], name, text, where)
+    for cls in owners.get(name, ()):
+      values[cls][name] = value
+    if name in LAUNCHER_FLAGS:
+      launcher[name] = value
+  try:
+    mec = MECConfig.from_dict(values[MECConfig])
+    model = ModelConfig.from_dict({**values[ModelConfig], 'max_users': mec.width})
+    train = TrainConfig.from_dict(values[TrainConfig])
+  except ConfigError as e:
+    raise ConfigError(f'flagfile {path}: {e}') from None
+  return TrainingFlags(mec, model, train, launcher)
+
+
+def _convert(kind: type, name: str, text: str | None, where: str) -> Any:
+  if kind is bool:
+    if text is None or text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+  elif kind not in _EXPECTED:
+    raise ConfigError(f'{where}: --{name} has a type ({kind}) no flag can give')
+  elif text is None:
+    pass
+  elif kind is str:
+    return text
+  else:
+    try:
+      value = kind(text)
+    except ValueError:
+      pass
+    else:
+      if kind is int or math.isfinite(value):
+        return value
+  raise ConfigError(f'{where}: --{name}={text if text is not None else ""}: expected '
+                    f'{_EXPECTED[kind]}')
 
 
 def run(main) -> None:

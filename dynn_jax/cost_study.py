@@ -5,7 +5,7 @@ For each network kind ('full': every (k, l); 'width': every k at depth L; 'depth
 every l at width K) and each schedule, we train until every sub-network of that kind
 is within `bar` of the optimal allocation's weighted delay on held-out slots, and
 record the steps and the training wall time: quality checks excluded, and compilation
-excluded (see `_without_compile`; the time with compilation is recorded too). Per-step
+excluded (see `without_compile`; the time with compilation is recorded too). Per-step
 cost is the same for every schedule, so the steps are the load-independent measure.
 
 Progressive shrinking here is quality-driven: each stage runs until its own
@@ -28,7 +28,7 @@ from dynn_jax.io import (DictOf, Integer, Number, OneOf, Optional, cached_json, 
                          read_json)
 from dynn_jax.models import ModelConfig
 from dynn_jax.quality import HELD_OUT_SEED, HeldOut, held_out, subnetwork_gaps
-from dynn_jax.training.config import TrainConfig
+from dynn_jax.training.config import SCHEDULES, TrainConfig
 from dynn_jax.training.loop import train_allocator
 
 KINDS = ('full', 'width', 'depth')
@@ -102,20 +102,20 @@ def time_to_bar(mec: MECConfig, model: ModelConfig, train: TrainConfig, kind: st
       reached = False
       break
   return {'kind': kind, 'schedule': schedule, 'seed': train.seed, 'reached': reached,
-          'steps': steps, 'seconds': _without_compile(chunks),
+          'steps': steps, 'seconds': without_compile(chunks),
           'seconds_with_compile': sum(sum(c) for _, c in chunks), 'history': history,
           'stage_starts': stage_starts, 'first_at_bar': first_at_bar.tolist(),
-          'limiting': _limiting(first_at_bar, _kind_mask(kind, model))}
+          'limiting': limiting_subnetworks(first_at_bar, _kind_mask(kind, model))}
 
 
-def _limiting(first_at_bar: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+def limiting_subnetworks(first_at_bar: np.ndarray, mask: np.ndarray) -> list[list[int]]:
   """1-based (k, l) of the kind's sub-networks that reached the bar last (or never)."""
   steps = np.where(first_at_bar < 0, np.iinfo(np.int64).max, first_at_bar)
   steps = np.where(mask, steps, -1)
   return [[int(k) + 1, int(l) + 1] for k, l in np.argwhere(steps == steps.max())]
 
 
-def _without_compile(chunks: list[tuple[int, list[float]]]) -> float:
+def without_compile(chunks: list[tuple[int, list[float]]]) -> float:
   """Training seconds with each stage's first chunk (which also compiles) counted at the
   median seconds per chunk of the run's other chunks.
 
@@ -164,7 +164,7 @@ def run_study(mec: MECConfig, model: ModelConfig, train: TrainConfig, *, bar: fl
     seeded = dataclasses.replace(train, seed=seed)
     run_settings = {**settings, 'train': seeded.to_dict()}
     for kind in kinds:
-      for schedule in ('progressive', 'scratch'):
+      for schedule in SCHEDULES:
         run = lambda: {**time_to_bar(mec, model, seeded, kind, schedule, bar, max_steps,
                                      held), 'settings': run_settings}
         if cache_dir is None:
@@ -188,7 +188,7 @@ def _speedups(results: list[dict], kinds: tuple[str, ...], seeds: tuple[int, ...
     by_seconds, by_steps = [], []
     for seed in seeds:
       prog, scratch = (next(r for r in results if (r['kind'], r['schedule'], r['seed'])
-                            == (kind, s, seed)) for s in ('progressive', 'scratch'))
+                            == (kind, s, seed)) for s in SCHEDULES)
       if prog['reached'] and scratch['reached']:
         by_seconds.append(scratch['seconds'] / prog['seconds'])
         by_steps.append(scratch['steps'] / prog['steps'])
@@ -207,7 +207,7 @@ _STEP = Integer(0)
 _KL = (Integer(1), Integer(1))
 # What `time_to_bar` writes (and the report reads) for one run.
 RUN_SCHEMA = {
-    'kind': OneOf(KINDS), 'schedule': OneOf(('progressive', 'scratch')), 'seed': _STEP,
+    'kind': OneOf(KINDS), 'schedule': OneOf(SCHEDULES), 'seed': _STEP,
     'reached': bool, 'steps': _STEP, 'seconds': Number(0.0),
     'seconds_with_compile': Optional(Number(0.0)),
     'history': [{'stage_target': str, 'step': _STEP, 'worst_gap': float}],
@@ -242,3 +242,14 @@ def load_study(path: str) -> dict:
                      'older launch/train_cost.py; run it again')
   check_schema(study, STUDY_SCHEMA, f'cost study {path}')
   return study
+
+
+def variant_paths(path: str) -> list[str]:
+  """The cost studies beside `path` named `<its name>_*.json` (the same study with other
+  settings, e.g. train_cost_bar05.json beside train_cost.json), sorted."""
+  stem, ext = os.path.splitext(path)
+  folder = os.path.dirname(path) or '.'
+  prefix = os.path.basename(stem) + '_'
+  return sorted(os.path.join(os.path.dirname(path), name) for name in os.listdir(folder)
+                if name.startswith(prefix) and name.endswith(ext or '.json')
+                and os.path.isfile(os.path.join(folder, name)))

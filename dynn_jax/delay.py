@@ -4,7 +4,8 @@ Three modes answer the same calls:
 
 * `NONE` ('none'): no inference delay at all (Fig. 4's left panel: what each exit's
   allocation is worth by itself);
-* `MODELLED` ('modelled'): counted ops * cycles_per_op / f_ser (`dynn_jax.ops`);
+* `MODELLED` ('modelled'): counted ops (`dynn_jax.ops`) * cycles_per_op / f_ser
+  (`modelled_seconds`, the one place ops become seconds);
 * a `dynn_jax.latency.MeasuredTable` ('measured'): the median wall time of each network
   on one device, from the benchmark.
 
@@ -40,6 +41,12 @@ class InferenceDelay(NamedTuple):
   loc: Array   # s, seen by every local user of the slot
 
 
+def modelled_seconds(ops, mec):
+  """Server time of `ops` counted ops: cycles_per_op * ops / f_ser (s), rounded in that
+  order. An array (traced too) gives an array, a Python number a Python float."""
+  return mec.cycles_per_op * ops / mec.f_ser
+
+
 def _scheduler_runs(mec, scheduler: bool | None) -> bool:
   return mec.case == 2 if scheduler is None else scheduler
 
@@ -57,7 +64,7 @@ class Modelled:
     loc = ops.scheduler_ops(model, n_users) if sched else ops.as_float(0.0)
     edge = ops.pipeline_ops(model, k, l, n_offloaded, n_users, policy=policy,
                             scheduler=sched, static=static)
-    return InferenceDelay(ops.ops_to_delay(edge, mec), ops.ops_to_delay(loc, mec))
+    return InferenceDelay(modelled_seconds(edge, mec), modelled_seconds(loc, mec))
 
   def solver(self, name: str, zeros: Array) -> Array:
     return zeros

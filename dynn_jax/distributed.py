@@ -46,8 +46,9 @@ import threading
 import jax
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 
-from dynn_jax.io import tree_digest
+from dynn_jax.io import is_temporary, tree_digest
 
 FLAGS = flags.FLAGS
 
@@ -257,7 +258,6 @@ def check_same(what: str, value) -> None:
   every process must call it."""
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
   every = multihost_utils.process_allgather(_digest(value))
   other = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
   if other:
@@ -267,7 +267,6 @@ def check_same(what: str, value) -> None:
 
 
 def _broadcast_bytes(data: bytes) -> bytes:
-  from jax.experimental import multihost_utils
   size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
   buffer = np.zeros(size, np.uint8)
   if is_main_process():
@@ -286,7 +285,6 @@ def main_folder_view(folder: str, parts: tuple[str, ...]) -> str:
   """
   if jax.process_count() == 1:
     return folder
-  from dynn_jax.io import is_temporary
   blob = b''
   if is_main_process():
     names, payload = [], []

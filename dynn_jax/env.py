@@ -4,6 +4,12 @@ Every per-user array has shape [..., W] where W = config.width (the padded numbe
 users); `Slots.mask` marks the real users. Leading axes are free: one slot is [W], a
 batch is [B, W]. Nothing here loops over users or slots, so everything jits and vmaps.
 
+This module owns the sampling, the physics (delays, energies) and every cost formula:
+`user_cost` (alpha T + beta E + delta 1{T > d}, or a smoothed miss), the per-user edge
+and local costs built on it, `slot_costs`, and shares of the budgets -> `Decision`
+(`decision_from_shares`). Solvers, networks and training call these rather than write
+a formula again. It imports only `dynn_jax.config`.
+
 Zero-size tasks take no time anywhere; a zero-workload task takes no compute time but
 still has to be transmitted when offloaded. An offloaded task with s > 0 and no
 bandwidth (or c s > 0 and no CPU) takes +inf and misses its deadline; never NaN. The
@@ -196,10 +202,77 @@ def weighted_edge_delay(slots: Slots, x: Array, b: Array, f: Array,
 
 
 def _scaled(weight, value: Array) -> Array:
-  # A zero weight drops the term even where it is +inf (0 * inf would be NaN).
   if isinstance(weight, (int, float)):
     return weight * value if weight else jnp.zeros(value.shape)
   return jnp.where(weight == 0, 0.0, weight * value)
+
+
+def _product(weight, value: Array) -> Array:
+  return weight * value
+
+
+def user_cost(config: Config, delay: Array, energy: Array | None = None,
+              late: Array | None = None, *, energy_weight=None,
+              zero_weight_drops: bool = True) -> Array:
+  """alpha T + beta E + delta late per user, unmasked: the one cost formula of SPEC
+  section 1, which slot costs, solvers and training all evaluate here.
+
+  `late` is the miss indicator 1{T > d} (bool), a smoothed one in [0, 1] (a sigmoid
+  with a temperature, for gradients), or None: no miss term (SPEC section 4's training
+  costs). `energy` None leaves the energy term out (the part of a cost no allocation
+  changes). `energy_weight` replaces beta where E enters as a time times a power folded
+  into the weight, (beta p_tx) T_tra: that is the order those callers round in.
+  With `zero_weight_drops` a zero weight drops its term even where the quantity is +inf
+  (0 * inf would be NaN), as the scored objective must; without it the plain product
+  stays, as the solvers (which count that NaN as +inf) and training have always
+  computed it, so that their numbers do not move.
+  """
+  scaled = _scaled if zero_weight_drops else _product
+  cost = scaled(config.alpha, delay)
+  if energy is not None:
+    cost = cost + scaled(config.beta if energy_weight is None else energy_weight, energy)
+  return cost if late is None else cost + scaled(config.delta, late)
+
+
+def expand_to_users(value, like: Array) -> Array:
+  """A per-slot value [...] as `like`'s dtype with a user axis: [..., 1]."""
+  return jnp.asarray(value, like.dtype)[..., None]
+
+
+def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: Config,
+                    t_inf_edge: Array, temperature: Array | None = None) -> Array:
+  """Each offloaded user's share of the objective [..., W] (0 elsewhere).
+
+  With a temperature the miss indicator is sigmoid((T - d) / (temperature d)); without
+  it the hard indicator of `slot_costs` (same arithmetic, so the same misses).
+  """
+  t_tra, t_com = edge_delays(slots, b, f, config)
+  delay = expand_to_users(t_inf_edge, slots.s) + (t_tra + t_com)   # as slot_costs adds them
+  if temperature is None:
+    late = (delay > slots.d).astype(delay.dtype)
+  else:
+    late = jax.nn.sigmoid((delay - slots.d)
+                          / (expand_to_users(temperature, slots.s) * slots.d))
+  cost = user_cost(config, delay, t_tra, late, energy_weight=config.beta * config.p_tx,
+                   zero_weight_drops=False)
+  return jnp.where(x, cost, 0.0)
+
+
+def local_user_costs(slots: Slots, config: Config, t_inf_loc: Array) -> Array:
+  """Each real user's share of the objective if it computes locally [..., W]."""
+  delay = expand_to_users(t_inf_loc, slots.s) + local_delay(slots)
+  cost = user_cost(config, delay, local_energy(slots, config), delay > slots.d,
+                   zero_weight_drops=False)
+  return jnp.where(slots.mask, cost, 0.0)
+
+
+def decision_from_shares(x: Array, b_share: Array, f_share: Array, config: Config
+                         ) -> Decision:
+  """Shares of the two budgets -> `Decision`: b = b_share b_max, f = f_share f_ser.
+
+  The shares are used as given: normalising them over x, if needed, is the caller's.
+  """
+  return Decision(x=x, b=b_share * config.b_max, f=f_share * config.f_ser)
 
 
 def _weighted_sum(w: Array, take: Array, t: Array) -> Array:
@@ -308,8 +381,7 @@ def slot_costs(slots: Slots, decision: Decision, config: Config,
   e_loc = local_energy(slots, config)
   energy = jnp.where(mask, jnp.where(x, e_edge, e_loc), 0.0)
   miss = mask & (delay > slots.d)
-  cost = jnp.where(mask, _scaled(config.alpha, delay) + _scaled(config.beta, energy)
-                   + _scaled(config.delta, miss), 0.0)
+  cost = jnp.where(mask, user_cost(config, delay, energy, miss), 0.0)
   n = jnp.maximum(mask.sum(-1), 1)
   w = importance_weight(slots, config)
   weighted = _weighted_sum(w, x, t_tra + t_com)

@@ -1,10 +1,15 @@
 """Evaluation of every method on the same sampled slots (SPEC sections 1, 5 and 6).
 
-A *method* maps (key, slots, params) to an `Outcome`: the decision, the inference
-delays its users see and the counted ops it ran. `evaluate` samples slots in chunks
-(memory stays bounded for any number of slots), runs every method on the same chunk,
-scores it with `slot_costs` and accumulates per-slot metrics into means with 95%
+A *method* maps (static, env, key, slots, params) to an `Outcome`: the decision, the
+inference delays its users see and the counted ops it ran. `evaluate` samples slots in
+chunks (memory stays bounded for any number of slots), runs every method on the same
+chunk, scores it with `slot_costs` and accumulates per-slot metrics into means with 95%
 confidence intervals.
+
+Two arguments go all the way down: `Static` (case, width, networks' config, feature
+ranges, delay model: hashable, what the compiled chunk is specialised on) and the
+system's numbers, `EnvParams` (traced: every system of one `Static` shares a compile).
+`Setting`, what users build from a `MECConfig`, gives both (`static`, `mec.params()`).
 
 Inference delay modes: 'modelled' (counted ops * cycles_per_op / f_ser, SPEC
 section 2) or 'measured' (a per-device latency table from the benchmark module, see
@@ -33,13 +38,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dynn_jax import delay as delay_model
 from dynn_jax import ops
 from dynn_jax.config import POSITIVE_INT, EnvParams, MECConfig, point_params, sweep_params
-from dynn_jax.env import Decision, Slots, normalized_features, sample_slots, slot_costs
+from dynn_jax.env import (Decision, Slots, decision_from_shares, normalized_features,
+                          sample_slots, slot_costs)
 from dynn_jax.batching import blocked
 from dynn_jax.models import (Allocation, ModelConfig, Policy, Scheduler, StaticAllocator,
                              all_subnetworks, allocate, exit_sorted_apply, moe_forward,
                              kl_to_option, option_to_kl, per_slot_forward, policy_context,
                              scheduler_context)
 from dynn_jax.networks import Params
+from dynn_jax.rl.agent import deterministic_decision  # flax only: no gymnax, no optax
 from dynn_jax.runs import Progress
 from dynn_jax.solvers import (GAConfig, all_local, equal_split, exhaustive_search, ga_solve,
                               joint_objective_bound, objective_bound, optimal_allocation,
@@ -59,9 +66,11 @@ class Outcome(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
-  """What every method needs besides the slots: configs and the delay model."""
-  mec: MECConfig
+class Static:
+  """What fixes a method's program, never a number of the system: the jit static
+  argument of the compiled chunk. The system's numbers come beside it as `EnvParams`."""
+  case: int
+  width: int
   model: ModelConfig
   feature_config: MECConfig
   # The inference-delay model (`dynn_jax.delay`): delay.MODELLED (None means it too),
@@ -71,6 +80,30 @@ class Setting:
   @property
   def mode(self) -> str:
     return delay_model.resolve(self.delay).mode
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """An evaluation's front door: the system, the networks' config, the ranges their
+  features were normalised with and the delay model. The methods get it split: its
+  `static` part and the system's numbers (`mec.params()`, or a sweep's)."""
+  mec: MECConfig
+  model: ModelConfig
+  feature_config: MECConfig
+  delay: Any = None  # as Static.delay
+
+  @property
+  def static(self) -> Static:
+    return Static(case=self.mec.case, width=self.mec.width, model=self.model,
+                  feature_config=self.feature_config, delay=self.delay)
+
+  @property
+  def mode(self) -> str:
+    return self.static.mode
+
+
+# (static, env, key, slots, params) -> Outcome, traced inside the compiled chunk.
+Method = Callable[[Static, EnvParams, Array, Slots, Params], Outcome]
 
 
 # Methods that decide offloading and so need case 2 (users with CPUs).
@@ -84,13 +117,14 @@ def _zeros(slots: Slots) -> Array:
   return jnp.zeros(slots.mask.shape[:-1], slots.s.dtype)
 
 
-def _scheduler_x(setting: Setting, params: Params, feats: Array, slots: Slots) -> Array:
+def _scheduler_x(static: Static, env: EnvParams, params: Params, feats: Array,
+                 slots: Slots) -> Array:
   """Case 2: offload where the scheduler's probability exceeds 1/2; case 1: everyone."""
-  if setting.mec.case == 1:
+  if static.case == 1:
     return slots.mask
-  context = scheduler_context(setting.model, setting.mec, setting.feature_config)
-  prob = Scheduler(setting.model).apply({'params': params.scheduler}, feats, slots.mask,
-                                        context).prob
+  context = scheduler_context(static.model, env, static.feature_config)
+  prob = Scheduler(static.model).apply({'params': params.scheduler}, feats, slots.mask,
+                                       context).prob
   return slots.mask & (prob > 0.5)
 
 
@@ -102,28 +136,29 @@ def _restricted_choice(logits: Array, model: ModelConfig, fix: str) -> tuple[Arr
   return option_to_kl(jnp.argmax(jnp.where(allowed, logits, -jnp.inf), -1), model)
 
 
-def _pipeline_delays(setting: Setting, k, l, x: Array, slots: Slots, policy: bool,
-                     static: bool = False) -> tuple[Array, Array, Array]:
+def _pipeline_delays(static: Static, env: EnvParams, k, l, x: Array, slots: Slots,
+                     policy: bool, static_allocator: bool = False
+                     ) -> tuple[Array, Array, Array]:
   """(t_inf_edge, t_inf_loc, ops) of the network pipeline that decided the slot."""
   n_off, n_users = x.sum(-1), slots.mask.sum(-1)
-  scheduler = setting.mec.case == 2
-  net_ops = ops.pipeline_ops(setting.model, k, l, n_off, n_users, policy=policy,
-                             scheduler=scheduler, static=static)
-  d = delay_model.resolve(setting.delay).pipeline(
-      setting.model, setting.mec, k, l, n_off, n_users, policy=policy, scheduler=scheduler,
-      static=static)
+  scheduler = static.case == 2
+  net_ops = ops.pipeline_ops(static.model, k, l, n_off, n_users, policy=policy,
+                             scheduler=scheduler, static=static_allocator)
+  d = delay_model.resolve(static.delay).pipeline(
+      static.model, env, k, l, n_off, n_users, policy=policy, scheduler=scheduler,
+      static=static_allocator)
   return (jnp.broadcast_to(d.edge, n_off.shape), jnp.broadcast_to(d.loc, n_off.shape),
           net_ops)
 
 
 def _moe_method(fix: str, use_policy: bool):
-  def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-    model = setting.model
-    feats = normalized_features(slots, setting.feature_config)
-    x = _scheduler_x(setting, params, feats, slots)
+  def run(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
+    model = static.model
+    feats = normalized_features(slots, static.feature_config)
+    x = _scheduler_x(static, env, params, feats, slots)
     batch = slots.mask.shape[:-1]
     if use_policy:
-      context = policy_context(model, setting.mec, setting.feature_config)
+      context = policy_context(model, env, static.feature_config)
       logits = Policy(model).apply({'params': params.policy}, feats, x, context)
       k, l = _restricted_choice(logits, model, fix)
     else:
@@ -135,53 +170,52 @@ def _moe_method(fix: str, use_policy: bool):
     else:  # every slot runs the full network: the masked path, block by block
       out = blocked(lambda f, m: moe_forward(model, variables, f, m, model.num_experts,
                                              model.max_depth))(feats, x)
-    edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=use_policy)
+    edge, loc, n_ops = _pipeline_delays(static, env, k, l, x, slots, policy=use_policy)
     option = kl_to_option(k, l, model) if use_policy else None
-    return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops, option)
+    return Outcome(allocate(out, x, env), edge, loc, n_ops, option)
   return run
 
 
 def _exit_method(k: int, l: int):
   """One sub-network (k, l) for every slot: its per-slot path (only k experts, l layers),
   block by block; no policy runs."""
-  def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-    model = setting.model
-    feats = normalized_features(slots, setting.feature_config)
-    x = _scheduler_x(setting, params, feats, slots)
+  def run(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
+    model = static.model
+    feats = normalized_features(slots, static.feature_config)
+    x = _scheduler_x(static, env, params, feats, slots)
     variables = {'params': params.allocator}
     out = blocked(lambda f, m: per_slot_forward(model, k, l, variables, f, m))(feats, x)
-    edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=False)
-    return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
+    edge, loc, n_ops = _pipeline_delays(static, env, k, l, x, slots, policy=False)
+    return Outcome(allocate(out, x, env), edge, loc, n_ops)
   return run
 
 
-def exit_objectives(setting: Setting, out: Allocation, x: Array, slots: Slots,
-                    policy: bool = True) -> tuple[Array, Array, Array]:
+def exit_objectives(static: Static, env: EnvParams, out: Allocation, x: Array,
+                    slots: Slots, policy: bool = True) -> tuple[Array, Array, Array]:
   """Slot objective [..., K, L] of every exit's allocation `out` (leaves [K, L, ...]),
   each with its own inference delay (a policy's pipeline when `policy`), and those
   delays (edge [..., K, L], loc [...])."""
-  model = setting.model
-  table = delay_model.table(setting.delay, model, setting.mec, x.sum(-1),
-                            slots.mask.sum(-1), policy=policy,
-                            scheduler=setting.mec.case == 2)
+  table = delay_model.table(static.delay, static.model, env, x.sum(-1),
+                            slots.mask.sum(-1), policy=policy, scheduler=static.case == 2)
   t_edge = jnp.moveaxis(table.edge, (-2, -1), (0, 1))              # [K, L, ...]
-  decision = allocate(out, x, setting.mec)
-  objective = slot_costs(slots, decision, setting.mec, t_edge, table.loc).objective
+  decision = allocate(out, x, env)
+  objective = slot_costs(slots, decision, env, t_edge, table.loc).objective
   return jnp.moveaxis(objective, (0, 1), (-2, -1)), table.edge, table.loc
 
 
-def _hindsight(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+def _hindsight(static: Static, env: EnvParams, key, slots: Slots, params: Params
+               ) -> Outcome:
   """Per slot, the exit whose objective (its inference delay included, with a policy's
   cost) is lowest after trying all of them: the best any policy over these networks
   can do on these slots."""
-  model = setting.model
-  feats = normalized_features(slots, setting.feature_config)
-  x = _scheduler_x(setting, params, feats, slots)
+  model = static.model
+  feats = normalized_features(slots, static.feature_config)
+  x = _scheduler_x(static, env, params, feats, slots)
   variables = {'params': params.allocator}
 
   def best(f, m, s):
     out = all_subnetworks(model, variables, f, m)                    # leaves [K, L, b, ...]
-    objective, _, _ = exit_objectives(setting, out, m, s)
+    objective, _, _ = exit_objectives(static, env, out, m, s)
     option = jnp.argmin(objective.reshape(objective.shape[:-2] + (-1,)), -1)
     flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out._replace(gate=None))
     pick = lambda a: jnp.take_along_axis(a, option[None, :, None], 0)[0]
@@ -189,19 +223,19 @@ def _hindsight(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
 
   b_share, f_share, option = blocked(best)(feats, x, slots)
   k, l = option_to_kl(option, model)
-  decision = Decision(x=x, b=b_share * setting.mec.b_max, f=f_share * setting.mec.f_ser)
-  edge, loc, n_ops = _pipeline_delays(setting, k, l, x, slots, policy=True)
+  decision = decision_from_shares(x, b_share, f_share, env)
+  edge, loc, n_ops = _pipeline_delays(static, env, k, l, x, slots, policy=True)
   return Outcome(decision, edge, loc, n_ops, option)
 
 
-def _static(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-  feats = normalized_features(slots, setting.feature_config)
-  x = _scheduler_x(setting, params, feats, slots)
-  static = StaticAllocator(setting.model)
-  out = blocked(lambda f, m: static.apply({'params': params.static}, f, m))(feats, x)
-  edge, loc, n_ops = _pipeline_delays(setting, None, None, x, slots, policy=False,
-                                      static=True)
-  return Outcome(allocate(out, x, setting.mec), edge, loc, n_ops)
+def _static(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
+  feats = normalized_features(slots, static.feature_config)
+  x = _scheduler_x(static, env, params, feats, slots)
+  allocator = StaticAllocator(static.model)
+  out = blocked(lambda f, m: allocator.apply({'params': params.static}, f, m))(feats, x)
+  edge, loc, n_ops = _pipeline_delays(static, env, None, None, x, slots, policy=False,
+                                      static_allocator=True)
+  return Outcome(allocate(out, x, env), edge, loc, n_ops)
 
 
 # The solver whose measured run time each method adds in measured mode (the others,
@@ -210,20 +244,20 @@ TIMED_SOLVERS = {'kkt_weighted': 'kkt_weighted', 'equal_split': 'equal_split',
                  'random': 'kkt_weighted', 'ga': 'ga', 'oracle': 'oracle'}
 
 
-def _own_time(setting: Setting, method: str, slots: Slots) -> Array:
+def _own_time(static: Static, method: str, slots: Slots) -> Array:
   """A solver method's own run time per slot [...]: its inference delay in measured
   mode, 0 in modelled mode."""
   zeros = _zeros(slots)
   if method not in TIMED_SOLVERS:
     return zeros
-  return delay_model.resolve(setting.delay).solver(TIMED_SOLVERS[method], zeros)
+  return delay_model.resolve(static.delay).solver(TIMED_SOLVERS[method], zeros)
 
 
 def _solver_method(method: str, offload: Callable, allocate_fn: Callable):
-  def run(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+  def run(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
     x = offload(key, slots)
-    decision = allocate_fn(slots, x, setting.mec)
-    own = _own_time(setting, method, slots)
+    decision = allocate_fn(slots, x, env)
+    own = _own_time(static, method, slots)
     return Outcome(decision, own, own, _zeros(slots))
   return run
 
@@ -232,30 +266,31 @@ def _everyone(key, slots):
   return slots.mask
 
 
-def _ga(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-  own = _own_time(setting, 'ga', slots)
-  decision, _ = ga_solve(key, slots, setting.mec, GAConfig(), own, own)
+def _ga(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
+  own = _own_time(static, 'ga', slots)
+  decision, _ = ga_solve(key, slots, env, GAConfig(), own, own)
   return Outcome(decision, own, own, _zeros(slots))
 
 
-def _oracle(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
-  own = _own_time(setting, 'oracle', slots)
-  return Outcome(oracle(slots, setting.mec, own, own), own, own, _zeros(slots))
+def _oracle(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
+  own = _own_time(static, 'oracle', slots)
+  return Outcome(oracle(slots, env, own, own), own, own, _zeros(slots))
 
 
-def lower_bound(setting: Setting, slots: Slots) -> Array:
+def lower_bound(static: Static, env: EnvParams, slots: Slots) -> Array:
   """A lower bound of every method's slot objective (no inference delay): [...]."""
-  if setting.mec.case == 1:
-    return objective_bound(slots, slots.mask, setting.mec)
-  return joint_objective_bound(slots, setting.mec)
+  if static.case == 1:
+    return objective_bound(slots, slots.mask, env)
+  return joint_objective_bound(slots, env)
 
 
-def _exhaustive(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+def _exhaustive(static: Static, env: EnvParams, key, slots: Slots, params: Params
+                ) -> Outcome:
   own = _zeros(slots)
-  return Outcome(exhaustive_search(slots, setting.mec, own, own), own, own, own)
+  return Outcome(exhaustive_search(slots, env, own, own), own, own, own)
 
 
-def _ppo(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
+def _ppo(static: Static, env: EnvParams, key, slots: Slots, params: Params) -> Outcome:
   """The PPO agent of `launch/train_rl.py` (`dynn_jax.rl`), deterministic: x = p > 0.5
   (case 2; case 1 offloads everyone), shares the softmax of its means over the offloaded
   users. Its inference delay is 0 in every mode (modelled, measured, none): the delay
@@ -263,17 +298,15 @@ def _ppo(setting: Setting, key, slots: Slots, params: Params) -> Outcome:
   the agent is treated as free, and its objective is a lower estimate of what it costs.
   A networks file without an agent, or an agent of the other case, is refused at trace
   time, before any slot is evaluated."""
-  from dynn_jax.rl.agent import deterministic_decision  # flax only; no gymnax, no optax
   if params.agent is None:
     raise ValueError("method 'ppo' needs a trained agent (Params.agent): train one with "
                      'launch/train_rl.py and pass its networks file')
   zeros = _zeros(slots)
-  decision = deterministic_decision(params.agent, slots, setting.mec,
-                                    setting.feature_config)
+  decision = deterministic_decision(params.agent, slots, env, static.feature_config)
   return Outcome(decision, zeros, zeros, zeros)
 
 
-METHODS: dict[str, Callable[[Setting, Array, Slots, Params], Outcome]] = {
+METHODS: dict[str, Method] = {
     'policy_moe': _moe_method('none', True),
     'pmrl': _moe_method('none', True),
     'fix_width': _moe_method('width', True),
@@ -300,7 +333,7 @@ def parse_exit(name: str) -> tuple[int, int] | None:
   return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
-def method(name: str) -> Callable[[Setting, Array, Slots, Params], Outcome]:
+def method(name: str) -> Method:
   """The method of a name: one of METHODS, or 'exit_<k>_<l>' (that sub-network for
   every slot; its range is checked by `check_methods`)."""
   kl = parse_exit(name)
@@ -436,8 +469,9 @@ METRICS = ('objective', 'mean_delay', 'miss_ratio', 'total_energy', 'weighted_de
            'weighted_service', 'inference_share', 'ops', 'offload_ratio')
 
 
-def _slot_metrics(setting: Setting, outcome: Outcome, slots: Slots) -> dict[str, Array]:
-  costs = slot_costs(slots, outcome.decision, setting.mec, outcome.t_inf_edge,
+def _slot_metrics(static: Static, env: EnvParams, outcome: Outcome, slots: Slots
+                  ) -> dict[str, Array]:
+  costs = slot_costs(slots, outcome.decision, env, outcome.t_inf_edge,
                      outcome.t_inf_loc)
   n = jnp.maximum(slots.mask.sum(-1), 1)
   metrics = {'objective': costs.objective, 'mean_delay': costs.mean_delay,
@@ -451,7 +485,7 @@ def _slot_metrics(setting: Setting, outcome: Outcome, slots: Slots) -> dict[str,
              'ops': jnp.asarray(outcome.ops, costs.objective.dtype),
              'offload_ratio': (outcome.decision.x & slots.mask).sum(-1) / n}
   if outcome.option is not None:
-    model = setting.model
+    model = static.model
     for option in range(model.num_options):
       k, l = option // model.max_depth + 1, option % model.max_depth + 1
       metrics[pick_metric(k, l)] = (outcome.option == option).astype(costs.objective.dtype)
@@ -488,13 +522,6 @@ def active_rows(n_users, width: int) -> int:
   return min(width, ROW_MULTIPLE * math.ceil(max(most, 1) / ROW_MULTIPLE))
 
 
-def shape_setting(setting: Setting) -> Setting:
-  """`setting` with only what fixes shapes in its system (case, width): the static
-  argument of the compiled chunk, so every system of that case and width shares it."""
-  return dataclasses.replace(setting, mec=MECConfig(case=setting.mec.case, n_users=1,
-                                                    n_max=setting.mec.width))
-
-
 def first_rows(slots: Slots, rows: int) -> Slots:
   """The first `rows` user positions of every per-user array."""
   if rows >= slots.mask.shape[-1]:
@@ -507,20 +534,21 @@ def chunk_trace_count() -> int:
   return _TRACES['chunk']
 
 
-def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Params,
-               chunk: int, env: EnvParams, valid: Array, mesh: Mesh | None = None,
+def chunk_sums(static: Static, env: EnvParams, names: tuple[str, ...], key: Array,
+               params: Params, chunk: int, valid: Array, mesh: Mesh | None = None,
                rows: int | None = None) -> dict:
   """Sums and sums of squares of every metric over the first `valid` of `chunk` fresh
   slots, on the system `env` (traced: every value of a sweep runs this one program).
   Methods not in FULL_WIDTH_METHODS see only the first `rows` user positions (default
   all), which must cover every user of `env` (see `active_rows`).
 
-  `setting.mec` gives only what fixes shapes (case, width); every number comes from
-  `env`. With a mesh, the slots are split over its devices along the batch axis; the
-  sampled values do not depend on the number of devices (partitionable threefry).
+  With a mesh, the slots are split over its devices along the batch axis; the sampled
+  values do not depend on the number of devices (partitionable threefry).
   """
   _TRACES['chunk'] += 1  # runs at trace time only
-  setting = dataclasses.replace(setting, mec=env)
+  if (env.case, env.width) != (static.case, static.width):
+    raise ValueError(f'system of case {env.case}, width {env.width} evaluated with '
+                     f'methods built for case {static.case}, width {static.width}')
   k_slots, k_methods = jax.random.split(key)
   slots = sample_slots(k_slots, env, chunk)
   if mesh is not None:
@@ -536,17 +564,18 @@ def chunk_sums(setting: Setting, names: tuple[str, ...], key: Array, params: Par
   out = {}
   trimmed = slots if rows is None else first_rows(slots, rows)
   if 'oracle' in names:  # the yardstick's yardstick: how far the oracle itself may be
-    out[BOUND] = {'objective': sums(lower_bound(setting, trimmed))}
+    out[BOUND] = {'objective': sums(lower_bound(static, env, trimmed))}
   for i, name in enumerate(names):
     seen = slots if name in FULL_WIDTH_METHODS else trimmed
-    outcome = method(name)(setting, jax.random.fold_in(k_methods, i), seen, params)
-    metrics = _slot_metrics(setting, outcome, seen)
+    outcome = method(name)(static, env, jax.random.fold_in(k_methods, i), seen, params)
+    metrics = _slot_metrics(static, env, outcome, seen)
     out[name] = {m: sums(v) for m, v in metrics.items()}
   return out
 
 
-_chunk_sums = jax.jit(chunk_sums,
-                      static_argnames=('setting', 'names', 'chunk', 'mesh', 'rows'))
+# One program per (static, names, chunk, mesh, rows): every system's numbers are traced.
+compiled_chunk_sums = jax.jit(chunk_sums,
+                              static_argnames=('static', 'names', 'chunk', 'mesh', 'rows'))
 
 
 def _chunks(slots: int, chunk: int, devices: int) -> tuple[int, int]:
@@ -586,13 +615,14 @@ def evaluate(setting: Setting, names, params: Params, *, slots: int, chunk: int 
   if not POSITIVE_INT.admits(rows) or not most <= rows <= setting.mec.width:
     raise ValueError(f'rows = {rows!r}; must be an integer in [{most}, '
                      f'{setting.mec.width}] (the users present to the padded width)')
-  static = shape_setting(setting)
+  static = setting.static
   key = jax.random.PRNGKey(seed)
   totals = None
   for i in range(n_chunks):
     valid = min(chunk, slots - i * chunk)
-    sums = jax.device_get(_chunk_sums(static, names, jax.random.fold_in(key, i), params,
-                                      chunk, env, valid, mesh, rows))
+    key_i = jax.random.fold_in(key, i)
+    sums = jax.device_get(compiled_chunk_sums(static, env, names, key_i, params, chunk,
+                                              valid, mesh, rows))
     part = jax.tree.map(lambda t: _Moments.of(valid, *t), sums,
                         is_leaf=lambda t: isinstance(t, tuple))
     totals = part if totals is None else jax.tree.map(

@@ -208,7 +208,7 @@ class MECEnv(environment.Environment[EnvState, EnvParams]):
   def state_space(self, params: EnvParams | MECConfig | None = None) -> spaces.Dict:
     """`EnvState` as spaces: the slot's arrays within the params' sampling ranges
     (padded users hold 0 or the upper bound), and the time step."""
-    p = self._params(params)
+    p = self.checked_params(params)
     vector, dtype = (self.width,), _float_dtype()
     box = lambda low, high: spaces.Box(low, high, vector, dtype)
     slots = spaces.Dict({'s': box(0.0, p.s_max), 'c': box(0.0, p.c_max),
@@ -229,16 +229,16 @@ class MECEnv(environment.Environment[EnvState, EnvParams]):
             ) -> tuple[Array, EnvState]:
     """gymnax's `reset`, with params checked (and a MECConfig turned into EnvParams)
     before its jit."""
-    return super().reset(key, self._params(params))
+    return super().reset(key, self.checked_params(params))
 
   def step(self, key: Array, state: EnvState, action, params=None):
     """gymnax's `step` (score `action`, then auto-reset: (obs, state, reward,
     terminated, truncated, info)), with the action and params checked before its jit:
     a concrete non-finite share is refused here (under gymnax's jit it would not be)."""
-    return super().step(key, state, self._check_action(action), self._params(params))
+    return super().step(key, state, self._check_action(action), self.checked_params(params))
 
   def reset_env(self, key: Array, params: EnvParams) -> tuple[Array, EnvState]:
-    params = self._params(params)
+    params = self.checked_params(params)
     slots = sample_slots(key, params)
     state = EnvState(time=jnp.zeros((), jnp.int32), slots=slots)
     return self.get_obs(state, params), state
@@ -246,7 +246,7 @@ class MECEnv(environment.Environment[EnvState, EnvParams]):
   def step_env(self, key: Array, state: EnvState, action, params: EnvParams
                ) -> tuple[Array, EnvState, Array, Array, dict[str, Array]]:
     """The step without the reset: obs and state are the scored slot's."""
-    params = self._params(params)
+    params = self.checked_params(params)
     decision = self.decision(state.slots, action, params)
     costs = slot_costs(state.slots, decision, params)
     state = state.replace(time=state.time + 1)
@@ -277,7 +277,7 @@ class MECEnv(environment.Environment[EnvState, EnvParams]):
   def decision(self, slots: Slots, action, params: EnvParams | MECConfig | None = None
                ) -> Decision:
     """The `Decision` an action stands for on `slots` (what `step` scores)."""
-    params = self._params(params)
+    params = self.checked_params(params)
     x, b_share, f_share = self._check_action(action)
     x = slots.mask if self.case == 1 else slots.mask & (x != 0)
     return shares_decision(x, b_share, f_share, params)
@@ -311,7 +311,9 @@ class MECEnv(environment.Environment[EnvState, EnvParams]):
                          'shares must be finite')
     return Action(x, b_share, f_share)
 
-  def _params(self, params) -> EnvParams:
+  def checked_params(self, params) -> EnvParams:
+    """The `EnvParams` meant by `params` (None: `default_params`; a `MECConfig`: its
+    params); TypeError or ValueError where they cannot drive this env's shapes."""
     if params is None:
       return self.default_params
     if isinstance(params, MECConfig):
@@ -377,7 +379,7 @@ class FlatActionWrapper(GymnaxWrapper):
 
   def step(self, key: Array, state: EnvState, action: Array, params=None):
     """The env's `step` on the decoded action (params checked before the jit)."""
-    return self._step(key, state, action, self._env._params(params))
+    return self._step(key, state, action, self._env.checked_params(params))
 
   def reset(self, key: Array, params=None) -> tuple[Array, EnvState]:
     return self._env.reset(key, params)

@@ -102,7 +102,7 @@ from flax import linen as nn
 
 from dynn_jax.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigBase, MECConfig,
                              Range, check_choice, check_ranges)
-from dynn_jax.env import NUM_FEATURES, Decision
+from dynn_jax.env import NUM_FEATURES, Decision, decision_from_shares
 
 Array = jax.Array
 
@@ -647,8 +647,7 @@ def _exit_sorted_jit(config: ModelConfig, block: int):
 
 def allocate(out: Allocation, offload_mask: Array, mec_config: MECConfig) -> Decision:
   """Shares -> `Decision`: b = b_share * b_max, f = f_share * f_ser, x = offload_mask."""
-  return Decision(x=offload_mask, b=out.b_share * mec_config.b_max,
-                  f=out.f_share * mec_config.f_ser)
+  return decision_from_shares(offload_mask, out.b_share, out.f_share, mec_config)
 
 
 # ------------------------------------------------------------------- static baseline

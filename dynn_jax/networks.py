@@ -25,6 +25,7 @@ from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.io import seal, tree_digest, unseal, write_bytes_atomic
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
+from dynn_jax.rl.agent import agent_module
 
 NETWORKS_FORMAT = 1
 # The losses a network can be trained with (see dynn_jax.training).
@@ -122,9 +123,24 @@ def load_networks(path: str, expect_mec: MECConfig | None = None,
   return params, mec, model, meta
 
 
-def _modules(model: ModelConfig) -> dict:
-  return {'allocator': MoEAllocator(model), 'static': StaticAllocator(model),
-          'policy': Policy(model), 'scheduler': Scheduler(model)}
+def _expected_params(name: str, params: Params, mec: MECConfig, model: ModelConfig,
+                     path: str):
+  """The shapes and dtypes (a tree of ShapeDtypeStruct) the configs give network `name`."""
+  key = jax.random.PRNGKey(0)
+  if name == 'agent':  # its sizes are read from its own parameters (rl.agent_module)
+    try:
+      module = agent_module(params.agent, mec.case, mec.width)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f'{path}: agent: {e}') from None
+    return jax.eval_shape(lambda: init_params(module, key, mec, _full_mask(mec)))
+  module = {'allocator': MoEAllocator(model), 'static': StaticAllocator(model),
+            'policy': Policy(model), 'scheduler': Scheduler(model)}[name]
+  return jax.eval_shape(lambda: init_params(module, key, mec))
+
+
+def _full_mask(mec: MECConfig) -> jax.Array:
+  """The agent's offloading argument at init: the sampled slot's real users."""
+  return sample_slots(jax.random.PRNGKey(0), mec, 1).mask
 
 
 def check_params(params: Params, mec: MECConfig, model: ModelConfig, path: str) -> None:
@@ -132,12 +148,11 @@ def check_params(params: Params, mec: MECConfig, model: ModelConfig, path: str) 
   dtypes its configs give, or hold a NaN or an infinity: such a file would evaluate to
   plausible numbers (a NaN policy always picks the first exit, a NaN scheduler offloads
   nobody), checksum or not."""
-  for name, module in _modules(model).items():
+  for name in Params._fields:
     tree = getattr(params, name)
     if tree is None:
       continue
-    want = jax.eval_shape(lambda module=module: init_params(module, jax.random.PRNGKey(0),
-                                                            mec))
+    want = _expected_params(name, params, mec, model, path)
     got_leaves = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
     want_leaves = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     for key in sorted(set(got_leaves) | set(want_leaves), key=jax.tree_util.keystr):

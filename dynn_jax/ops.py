@@ -3,8 +3,8 @@
 A dense layer D_in -> D_out applied once counts M = zeta * D_in * D_out + iota ops
 (`ModelConfig.op_zeta`, `op_iota`; 2 and 0 by default: a multiply and an add per
 weight). Only dense layers count: biases, activations, pooling, the gate's top-k, the
-softmaxes and the gate-weighted sum of the experts are not counted. Modelled delay of
-a run on the server: T = cycles_per_op * ops / f_ser (`MECConfig`).
+softmaxes and the gate-weighted sum of the experts are not counted. What the counts
+take in seconds is `dynn_jax.delay`'s (`delay.modelled_seconds`).
 
 Per slot, with n offloaded users (n_offloaded) and N real users (n_users):
 
@@ -32,16 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynn_jax.config import MECConfig
 from dynn_jax.models import (POOLED_DIM, ModelConfig, check_int, check_kl, policy_inputs,
                              scheduler_inputs)
 
 Array = jax.Array
-
-# The paper's Table I (N = 30, K = 10, L = 3, width 64).
-PAPER_TABLE_ONE = {'dynamic_ops': 5.126e6, 'dynamic_params': 87.04e3,
-                   'fixed_ops': 0.302e6, 'fixed_params': 7.291e3}
-
 
 def dense_ops(config: ModelConfig, d_in: int, d_out: int) -> float:
   return config.op_zeta * d_in * d_out + config.op_iota
@@ -185,12 +179,7 @@ def count_params(variables) -> int:
   return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables))
 
 
-# ------------------------------------------------------------------------ delays
-
-
-def ops_to_delay(ops, mec_config: MECConfig) -> Array:
-  """Modelled server time of `ops` counted ops: cycles_per_op * ops / f_ser (s)."""
-  return mec_config.cycles_per_op * jnp.asarray(ops) / mec_config.f_ser
+# ------------------------------------------------------------------------ pipeline
 
 
 def pipeline_ops(config: ModelConfig, k, l, n_offloaded, n_users=None, *, policy: bool,
@@ -210,7 +199,7 @@ def pipeline_ops(config: ModelConfig, k, l, n_offloaded, n_users=None, *, policy
 
 
 def table_one(config: ModelConfig, n_offloaded: int) -> dict[str, float]:
-  """Our counterpart of the paper's Table I (compare with `PAPER_TABLE_ONE`).
+  """Our counterpart of the paper's Table I (`dynn_jax.paper.TABLE_ONE`).
 
   'fixed_*' is the allocator's own fixed part (gate and heads); 'pipeline_fixed_*' adds
   the scheduler (on n_offloaded users, i.e. case 1 with everyone offloaded) and the

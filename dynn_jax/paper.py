@@ -13,7 +13,6 @@ MEAN_DELAY_MS = {
 MISS_PERCENT = {
     'case1_data': {'policy_moe': (5.5, 63.0), 'static': (25.0, 71.0), 'ga': (100.0, 100.0)},
 }
-LOCAL_ENERGY_J = 1.92
 # Fig. 11, 3 -> 10 kbit: share of the inference delay in the total delay.
 INFERENCE_SHARE = {'static': (0.21, 0.07), 'fix_moe': (0.068, 0.021),
                    'policy_moe': (0.019, 0.010)}
@@ -21,7 +20,8 @@ INFERENCE_SHARE = {'static': (0.21, 0.07), 'fix_moe': (0.068, 0.021),
 MODEL_SIZE = {'without_inference_depth1': (19.12, 18.60),
               'without_inference_depth3': (18.54, 18.31),
               'with_inference_depth3_k2': 18.61, 'with_inference_depth3_k10': 19.11}
-# Fig. 12: training wall time (s), progressive shrinking vs from scratch.
+# Fig. 12: training wall time (s), progressive shrinking vs from scratch (the order of
+# training.config.SCHEDULES).
 TRAINING_SECONDS = {'full': (29.5, 75.5), 'width': (11.0, 47.0), 'depth': (11.0, 12.5)}
 # Table I: the allocation network's dynamic part (experts) and fixed part.
 TABLE_ONE = {'dynamic ops': 5.126e6, 'dynamic parameters': 87.04e3, 'fixed ops': 0.302e6,

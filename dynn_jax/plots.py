@@ -74,7 +74,7 @@ def training_cost(study: dict, path: str) -> None:
   results = study['results']
   kinds = list(dict.fromkeys(r['kind'] for r in results))
   first_seed = results[0]['seed'] if results else 0
-  schedules = ('progressive', 'scratch')
+  schedules = list(dict.fromkeys(r['schedule'] for r in results))
   fig = Figure(figsize=(10, 4), layout='constrained')
   bars, curves = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
   width = 0.38

@@ -18,7 +18,7 @@ import numpy as np
 
 from dynn_jax.config import MECConfig
 from dynn_jax.env import Slots, normalized_features, sample_slots, weighted_edge_delay
-from dynn_jax.models import Allocation, ModelConfig, StaticAllocator, all_subnetworks
+from dynn_jax.models import Allocation, ModelConfig, StaticAllocator, all_subnetworks, allocate
 from dynn_jax.networks import Params
 from dynn_jax.solvers import optimal_allocation
 
@@ -29,7 +29,8 @@ HELD_OUT_SEED = 10_007  # never a training seed's stream: training keys come fro
 
 def weighted_delays(out: Allocation, slots: Slots, x: Array, mec: MECConfig) -> Array:
   """Per-slot sum_i w_i (T_tra_i + T_com_i) of an allocator output: [...]."""
-  return weighted_edge_delay(slots, x, out.b_share * mec.b_max, out.f_share * mec.f_ser, mec)
+  decision = allocate(out, x, mec)
+  return weighted_edge_delay(slots, x, decision.b, decision.f, mec)
 
 
 class HeldOut(NamedTuple):

@@ -15,7 +15,7 @@ import numpy as np
 
 from dynn_jax import delay as delay_model
 from dynn_jax import exit_study
-from dynn_jax.evaluation import EvalResult, Setting, evaluate_sweep
+from dynn_jax.evaluation import EvalResult, Setting, default_methods, evaluate_sweep
 from dynn_jax.io import (DictOf, Integer, Number, OneOf, Optional, cached_json, check_schema,
                          read_json, tree_digest)
 from dynn_jax.networks import Networks
@@ -34,19 +34,14 @@ SWEEPS = {
     # Beyond the paper: the weight of a miss decides which yardstick wins (SPEC section 7).
     'delta': ('delta', [0.0, 0.005, 0.01, 0.02, 0.05, 0.1], 'miss weight delta', 1.0),
 }
-# 'hindsight' (each slot's best exit) bounds what any policy over the networks can do.
-METHODS = {
-    1: ('policy_moe', 'hindsight', 'fix_width', 'fix_depth', 'fix_moe', 'static',
-        'kkt_weighted', 'equal_split', 'oracle'),
-    2: ('pmrl', 'fix_moe', 'static', 'kkt_weighted', 'random', 'local', 'oracle'),
-}
 LARGE_DATA_METHODS = ('policy_moe', 'hindsight', 'fix_moe', 'static')
 # The objective-trained networks' methods, stored as OBJECTIVE_PREFIX + name.
 OBJECTIVE_METHODS = {1: ('policy_moe', 'hindsight', 'fix_moe', 'static'),
                      2: ('pmrl', 'fix_moe', 'static')}
+LARGE_DATA_OBJECTIVE_METHODS = ('policy_moe', 'hindsight')
 OBJECTIVE_PREFIX = 'obj_'
-CASE_SWEEPS = {1: ('data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'),
-               2: ('data', 'workload', 'tasks', 'cpu')}
+# Case 1 runs every sweep; case 2 those the paper shows for it.
+CASE_SWEEPS = {1: tuple(SWEEPS), 2: ('data', 'workload', 'tasks', 'cpu')}
 
 
 _STAT = {'mean': float, 'ci95': Number(0.0)}
@@ -56,10 +51,24 @@ RESULT_SCHEMA = {'methods': DictOf(DictOf(_STAT, min_len=1), min_len=1), 'slots'
 # Bumped when a point gains a part, so that points written before are recomputed
 # (2: the oracle beside the GA on the GA's slots, `ga_yardstick`).
 POINT_LAYOUT = 3   # 3: hindsight in case 1, the policies' picks
+# A point's result sets: every method on the point's slots, then (when the oracle ran)
+# every method again on the oracle's slots, and the GA with the oracle on the GA's.
+POINT_RESULTS = ('results', 'yardstick', 'ga_yardstick')
 POINT_SCHEMA = {'sweep': OneOf(tuple(SWEEPS)), 'value': float, 'settings': dict,
                 'results': RESULT_SCHEMA, 'yardstick': Optional(RESULT_SCHEMA),
                 'ga_yardstick': Optional(RESULT_SCHEMA),
                 'seconds': Optional(Number(0.0))}
+
+
+def sweep_methods(nets: Networks) -> tuple[str, ...]:
+  """The methods of a sweep point: the evaluation's comparison for these networks
+  (`evaluation.default_methods`), with 'hindsight' (each slot's best exit: what any
+  policy over the networks can do at best) after 'policy_moe'."""
+  names = default_methods(nets.mec, nets.params)
+  if 'policy_moe' not in names:
+    return names
+  at = names.index('policy_moe') + 1
+  return names[:at] + ('hindsight',) + names[at:]
 
 
 def point_path(results_dir: str, name: str) -> str:
@@ -200,14 +209,85 @@ def sweep_points(nets: Networks, sweep: str, values, methods, *, slots: int,
   return points
 
 
+# The RL baseline's points live in files of their own (AGENT_PREFIX + the sweep point's
+# name): adding or retraining an agent recomputes no point of the other pipelines.
+AGENT_PREFIX = 'ppo_'
+AGENT_METHOD = 'ppo'
+
+
+def agent_points(agent: Networks, nets: Networks, key: 'SweepKey', values, results_dir: str,
+                 *, slots: int, oracle_slots: int, seed: int, delay=None) -> list[dict]:
+  """The RL agent ('ppo') at every value of a sweep of `nets`' system, on the slots of the
+  sweep's points: the same seed, slot counts and chunk (both the default) give the same
+  slots (the slots do not depend on the methods; tested), so its `results` and `yardstick` merge into the points'
+  (`with_agent`). Cached one file per point, like the points."""
+  field, values = sweep_field(key.sweep), list(values)
+  setting = Setting(mec=nets.mec, model=agent.model, feature_config=agent.mec, delay=delay)
+  settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
+              'oracle_slots': oracle_slots, 'agent': agent.fingerprint,
+              'system': nets.mec.to_dict(), 'delay': delay_fingerprint(delay)}
+  names = {v: f'{AGENT_PREFIX}{key.name}_{v:g}' for v in values}
+  expect = {v: {'sweep': key.sweep, 'value': v} for v in values}
+  missing = [v for v in values if not _written(results_dir, names[v], settings, expect[v])]
+  fresh = {}
+  if missing:
+    start = time.perf_counter()
+    runs = {part: evaluate_sweep(setting, (AGENT_METHOD,), agent.params, field, missing,
+                                 slots=n, seed=seed, progress=True)
+            for part, n in (('results', slots), ('yardstick', oracle_slots)) if n}
+    share = (time.perf_counter() - start) / len(missing)
+    fresh = {v: {'sweep': key.sweep, 'value': v, 'seconds': share}
+             | {part: results[i] for part, results in runs.items()}
+             for i, v in enumerate(missing)}
+  return [point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(fresh[v]),
+                                 settings, expect=expect[v])) for v in values]
+
+
+def with_agent(point: dict, agent_point: dict) -> dict:
+  """A sweep point with the agent's results merged into the result sets both hold."""
+  out = dict(point)
+  for part in POINT_RESULTS[:2]:
+    if point.get(part) is not None and agent_point.get(part) is not None:
+      out[part] = point[part].merged(agent_point[part], names=(AGENT_METHOD,))
+  return out
+
+
+def training_record(networks_path: str) -> dict:
+  """The training wall time recorded beside a networks file: `summary.json` in its run
+  directory, or `<name>.summary.json` beside a shipped checkpoint (`train_wall_s`, the
+  training process's own time; `train_wall_source` where it was taken otherwise)."""
+  candidates = ([os.path.join(networks_path, 'summary.json')] if os.path.isdir(networks_path)
+                else [os.path.splitext(networks_path)[0] + '.summary.json',
+                      os.path.join(os.path.dirname(networks_path), 'summary.json')])
+  for path in candidates:
+    if os.path.isfile(path):
+      summary = read_json(path, 'training summary')
+      seconds = summary.get('train_wall_s') if isinstance(summary, dict) else None
+      return {'file': networks_path, 'seconds': seconds,
+              'source': f'`{path}`' + (f' ({summary["train_wall_source"]})'
+                                       if 'train_wall_source' in summary else '')}
+  return {'file': networks_path, 'seconds': None, 'source': 'no summary beside the file'}
+
+
 def point_to_json(point: dict) -> dict:
   return {k: v.to_dict() if isinstance(v, EvalResult) else v for k, v in point.items()}
 
 
 def point_from_json(point: dict) -> dict:
   """A point read back: its results as `EvalResult` (files of any earlier layout)."""
-  return {k: EvalResult.from_dict(v) if k in ('results', 'yardstick', 'ga_yardstick') else v
+  return {k: EvalResult.from_dict(v) if k in POINT_RESULTS else v
           for k, v in point.items()}
+
+
+def compared(point: dict, *names: str) -> EvalResult:
+  """The results in which to compare `names` at a sweep point: with the oracle among
+  them, the first yardstick that ran them all on the same slots (every method beside
+  the oracle on the oracle's slots; or the GA beside the oracle on the GA's), else the
+  point's main results."""
+  for yard in (point.get(part) for part in POINT_RESULTS[1:]):
+    if 'oracle' in names and yard is not None and all(n in yard for n in names):
+      return yard
+  return point['results']
 
 
 def sweep_values(sweep: str, points: int | None = None) -> list:
@@ -252,9 +332,12 @@ def selected_sweeps(cases, sweeps) -> list[SweepKey]:
 
 def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, slots: int,
                ga_slots: int, seed: int, delay=None, points_per_sweep: int | None = None,
-               objective: dict[int, Networks] | None = None, oracle_slots: int = 1024) -> dict:
+               objective: dict[int, Networks] | None = None, oracle_slots: int = 1024,
+               agents: dict[int, Networks] | None = None) -> dict:
   """Every requested sweep of every case (`CASE_SWEEPS` says which a case has); with
-  `objective` networks their pipeline runs beside the paper's at every point.
+  `objective` networks their pipeline runs beside the paper's at every point, and with
+  `agents` (RL agents, `dynn_jax.rl`) method 'ppo' too (not in the large-data sweep,
+  whose points hold only the DyNN pipelines and have no oracle).
 
   `sweeps` holds names ('data': every case) or case-qualified names ('2:data': case 2
   only), see `parse_sweeps`; a selection of no sweep is refused (`selected_sweeps`). A
@@ -267,8 +350,8 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
   for key in selected_sweeps(cases, sweeps):
     case, sweep = key
     large = sweep == 'data_large'
-    methods = LARGE_DATA_METHODS if large else METHODS[case]
-    obj_methods = (('policy_moe', 'hindsight') if large else OBJECTIVE_METHODS[case])
+    methods = LARGE_DATA_METHODS if large else sweep_methods(nets[case])
+    obj_methods = LARGE_DATA_OBJECTIVE_METHODS if large else OBJECTIVE_METHODS[case]
     obj = objective.get(case)
     settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
                 'ga_slots': 0 if large else ga_slots,
@@ -295,6 +378,11 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
     out[key] = [
         point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(fresh[v]),
                                settings, expect=expect[v])) for v in values]
+    agent = (agents or {}).get(case)
+    if agent is not None and not large:
+      theirs = agent_points(agent, nets[case], key, values, results_dir, slots=slots,
+                            oracle_slots=settings['oracle_slots'], seed=seed, delay=delay)
+      out[key] = [with_agent(p, a) for p, a in zip(out[key], theirs)]
   return out
 
 

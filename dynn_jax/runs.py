@@ -43,7 +43,7 @@ class RunDirError(ValueError):
   """A run directory that cannot be used as asked (in use, other config, ...)."""
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
   """The process's start time in clock ticks since boot (Linux), to tell a reused pid
   from the process that wrote a lock."""
   try:
@@ -55,7 +55,7 @@ def _proc_start(pid: int) -> str | None:
 
 def _lock_info() -> dict:
   pid = os.getpid()
-  return {'pid': pid, 'host': socket.gethostname(), 'proc_start': _proc_start(pid),
+  return {'pid': pid, 'host': socket.gethostname(), 'proc_start': proc_start(pid),
           'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'token': secrets.token_hex(8)}
 
 
@@ -94,7 +94,7 @@ def _holder_state(info: dict | None, path: str) -> str:
   except PermissionError:
     pass  # another user's process: alive
   recorded = info.get('proc_start')
-  if recorded is not None and _proc_start(pid) not in (None, recorded):
+  if recorded is not None and proc_start(pid) not in (None, recorded):
     return 'dead'  # the pid now belongs to another process
   return 'live'
 

@@ -27,6 +27,7 @@ from dynn_jax import benchmark, cli, evaluation, plots
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
 from dynn_jax.models import ModelConfig
+from dynn_jax.networks import load_networks
 from dynn_jax.solvers.ga import GAConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +93,6 @@ def configs():
   if not path:
     mec = cli.from_flags(MECConfig)
     return mec, cli.from_flags(ModelConfig, max_users=mec.width), None, mec
-  from dynn_jax.networks import load_networks
   try:
     params, trained, model, _ = load_networks(path)
   except (FileNotFoundError, ValueError) as e:

@@ -17,7 +17,7 @@ from absl import app, flags
 from dynn_jax import cli, distributed, evaluation
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
-from dynn_jax.reports import methods_table
+from dynn_jax.report.tables import methods_table
 from dynn_jax.runs import Progress
 from dynn_jax.networks import LOSSES, load_networks, trained_loss
 

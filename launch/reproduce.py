@@ -16,7 +16,8 @@ from absl import app, flags
 from dynn_jax import cli, cost_study, distributed, latency, plots, reproduce, training
 from dynn_jax.io import SchemaError, write_bytes_atomic, write_json_atomic
 from dynn_jax.networks import Networks
-from dynn_jax.reports import report, write_csv
+from dynn_jax.report.markdown import report
+from dynn_jax.report.tables import sweep_csv
 
 flags.DEFINE_string('results_dir', 'results/reproduce', 'Where points, figures and the '
                     'report go.')
@@ -26,11 +27,15 @@ flags.DEFINE_string('objective_networks_case1', 'checkpoints/objective_case1.msg
                     'Case-1 networks trained with --loss=objective (empty: skip).')
 flags.DEFINE_string('objective_networks_case2', 'checkpoints/objective_case2.msgpack',
                     'Case-2 networks trained with --loss=objective (empty: skip).')
+flags.DEFINE_string('agent_networks_case1', 'checkpoints/ppo_case1.msgpack',
+                    'Case-1 PPO agent (launch/train_rl.py), method ppo (empty: skip).')
+flags.DEFINE_string('agent_networks_case2', 'checkpoints/ppo_case2.msgpack',
+                    'Case-2 PPO agent (launch/train_rl.py), method ppo (empty: skip).')
 flags.DEFINE_bool('retrain', False, 'Train both cases and both losses from '
                   'launch/flags/{paper,objective}_case*.flags first (resumable) instead of '
                   'loading the shipped checkpoints.')
 flags.DEFINE_list('cases', ['1', '2'], 'Cases to reproduce.')
-flags.DEFINE_list('sweeps', ['data', 'workload', 'tasks', 'cpu', 'data_large', 'delta'],
+flags.DEFINE_list('sweeps', list(reproduce.SWEEPS),
                   'Sweeps to run (see dynn_jax.reproduce.SWEEPS); a case prefix runs a '
                   'sweep for that case only, e.g. 1:delta,2:data.')
 flags.DEFINE_integer('points_per_sweep', None, 'Evaluate only this many values of each '
@@ -46,7 +51,8 @@ flags.DEFINE_integer('model_size_slots', 4096, 'Slots per data size of the Fig. 
 flags.DEFINE_integer('seed', 0, 'Seed of the evaluation slots.', lower_bound=0,
                      upper_bound=2 ** 32 - 1)
 flags.DEFINE_string('cost_study', 'results/train_cost.json', 'Fig. 12 results from '
-                    'launch/train_cost.py; used when the file exists.')
+                    'launch/train_cost.py; used when the file exists, with the studies '
+                    'beside it named <its name>_*.json (other settings of the same study).')
 flags.DEFINE_string('latency_table', None, 'Measured latency table: evaluate in measured '
                     'mode instead of modelled.')
 flags.DEFINE_bool('allow_other_device', False, 'Accept a latency table from another device.')
@@ -60,7 +66,7 @@ def networks_for(case: int, loss: str = 'paper') -> Networks | None:
   if not path:
     return None
   if FLAGS.retrain and not FLAGS.dry_run:
-    mec, model, train, _ = training.read_flagfile(f'launch/flags/{loss}_case{case}.flags')
+    mec, model, train, _ = cli.read_flagfile(f'launch/flags/{loss}_case{case}.flags')
     cli.check_training_memory(mec, model, train)
     run_dir = os.path.join(FLAGS.results_dir, f'train_{loss}_case{case}')
     resume = os.path.exists(os.path.join(run_dir, 'config.json'))
@@ -75,6 +81,37 @@ def networks_for(case: int, loss: str = 'paper') -> Networks | None:
                          f'--{prefix}networks_case{case} needs networks trained with '
                          f'--loss={loss}')
   return nets
+
+
+def agent_for(case: int) -> Networks | None:
+  """The case's RL agent (None when its flag is empty); the same file whether or not
+  --retrain trains the DyNN pipelines (launch/train_rl.py trains agents)."""
+  path = FLAGS[f'agent_networks_case{case}'].value
+  if not path:
+    return None
+  agent = Networks.load(path)
+  if agent.params.agent is None:
+    raise app.UsageError(f'{path} holds no RL agent (--agent_networks_case{case} takes a '
+                         'launch/train_rl.py networks file)')
+  if agent.mec.case != case:
+    raise app.UsageError(f'{path} holds a case-{agent.mec.case} agent; expected case {case}')
+  return agent
+
+
+def training_records(cases) -> dict:
+  """Each pipeline's recorded training wall time, for the report."""
+  out = {}
+  for case in cases:
+    for label, flag, loss in (('paper', 'networks_case{}', 'paper'),
+                              ('objective (`obj_`)', 'objective_networks_case{}', 'objective'),
+                              ('ppo', 'agent_networks_case{}', None)):
+      path = FLAGS[flag.format(case)].value
+      if not path:
+        continue
+      if FLAGS.retrain and loss is not None:  # networks_for trained them there
+        path = os.path.join(FLAGS.results_dir, f'train_{loss}_case{case}')
+      out[f'{label}, case {case}'] = reproduce.training_record(path)
+  return out
 
 
 def main(argv):
@@ -109,6 +146,7 @@ def main(argv):
   try:
     nets = {case: networks_for(case) for case in cases}
     objective = {case: networks_for(case, 'objective') for case in cases}
+    agents = {case: agent_for(case) for case in cases}
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
   delay = None
@@ -122,6 +160,9 @@ def main(argv):
   try:
     cost = (cost_study.load_study(FLAGS.cost_study) if os.path.exists(FLAGS.cost_study)
             else None)
+    cost_variants = ({os.path.basename(path): cost_study.load_study(path)
+                      for path in cost_study.variant_paths(FLAGS.cost_study)}
+                     if cost is not None else {})
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   cli.check_writable('results_dir', FLAGS.results_dir, directory=True)
@@ -131,24 +172,29 @@ def main(argv):
       cases, FLAGS.sweeps, FLAGS.slots, FLAGS.ga_slots, FLAGS.oracle_slots, FLAGS.seed,
       FLAGS.points_per_sweep, {c: n.fingerprint for c, n in nets.items()},
       {c: n.fingerprint for c, n in objective.items() if n},
+      {c: n.fingerprint for c, n in agents.items() if n},
       reproduce.delay_fingerprint(delay)))
   results_dir = distributed.main_folder_view(FLAGS.results_dir, ('points',))
   try:
-    _reproduce(nets, objective, delay, cost, cases, results_dir, start)
+    _reproduce(nets, objective, agents, delay, cost, cost_variants, cases, results_dir,
+               start)
   except (reproduce.PointError, SchemaError) as e:  # a damaged point file: one line
     raise SystemExit(str(e)) from None
 
 
-def _reproduce(nets, objective, delay, cost, cases, results_dir, start):
+def _reproduce(nets, objective, agents, delay, cost, cost_variants, cases, results_dir,
+               start):
   sweeps = reproduce.run_sweeps(nets, results_dir, cases=cases, sweeps=FLAGS.sweeps,
                                 slots=FLAGS.slots, ga_slots=FLAGS.ga_slots, seed=FLAGS.seed,
                                 delay=delay, points_per_sweep=FLAGS.points_per_sweep,
                                 objective={c: n for c, n in objective.items() if n},
-                                oracle_slots=FLAGS.oracle_slots)
+                                oracle_slots=FLAGS.oracle_slots,
+                                agents={c: n for c, n in agents.items() if n})
   if not distributed.is_main_process():
     return
   for key, points in sweeps.items():
-    write_csv(os.path.join(results_dir, f'{key.name}.csv'), points)
+    write_bytes_atomic(os.path.join(results_dir, f'{key.name}.csv'),
+                       sweep_csv(points).encode())
     plots.sweep(points, reproduce.SWEEPS[key.sweep],
                 os.path.join(results_dir, f'{key.name}.png'), title=key.name)
   exits, models = None, {}
@@ -168,7 +214,8 @@ def _reproduce(nets, objective, delay, cost, cases, results_dir, start):
                      'mode': mode, 'seconds': seconds})
   text = report(sweeps, exits, cost, mode, seconds, nets,
                 {'slots': FLAGS.slots, 'ga_slots': FLAGS.ga_slots,
-                 'oracle_slots': FLAGS.oracle_slots}, models)
+                 'oracle_slots': FLAGS.oracle_slots}, models, objective=objective,
+                cost_variants=cost_variants, training=training_records(cases))
   write_bytes_atomic(os.path.join(results_dir, 'report.md'), text.encode())
   print(f'wrote {results_dir}/report.md ({seconds:.0f} s)')
 

@@ -8,7 +8,7 @@ import os
 
 from absl import app, flags
 
-from dynn_jax import cli, cost_study
+from dynn_jax import cli, cost_study, plots
 from dynn_jax.io import write_json_atomic
 
 flags.DEFINE_string('out', 'results/train_cost.json', 'JSON file for the study.')
@@ -54,7 +54,6 @@ def main(argv):
     print(f'{kind}: progressive shrinking is {speedup:.2f}x as fast as scratch (median '
           f'over {len(seeds)} seeds, range {low:.2f}-{high:.2f}; '
           f'{study["step_speedup"][kind]:.2f}x in steps)')
-  from dynn_jax import plots
   png = os.path.splitext(FLAGS.out)[0] + '.png'
   plots.training_cost(study, png)
   print(f'wrote {FLAGS.out} and {png}')

@@ -43,9 +43,10 @@ def slots():
 
 def test_exit_method_is_the_masked_path_of_that_exit(params, slots):
   setting = evaluation.Setting(mec=MEC, model=MODEL, feature_config=MEC)
+  run_on = (setting.static, MEC.params())
   feats = normalized_features(slots, MEC)
   for k, l in ((1, 1), (2, 1), (3, 2)):
-    outcome = evaluation.method(f'exit_{k}_{l}')(setting, None, slots, params)
+    outcome = evaluation.method(f'exit_{k}_{l}')(*run_on, None, slots, params)
     masked = moe_forward(MODEL, {'params': params.allocator}, feats, slots.mask, k, l)
     want = allocate(masked, slots.mask, MEC)
     np.testing.assert_allclose(outcome.decision.b, want.b, rtol=2e-5, atol=1e-3)
@@ -57,12 +58,13 @@ def test_exit_method_is_the_masked_path_of_that_exit(params, slots):
 def test_hindsight_is_the_best_exit_of_every_slot(params, slots):
   for mode in (delay.MODELLED, delay.NONE):
     setting = evaluation.Setting(mec=MEC, model=MODEL, feature_config=MEC, delay=mode)
-    best = evaluation.method('hindsight')(setting, None, slots, params)
+    run_on = (setting.static, MEC.params())
+    best = evaluation.method('hindsight')(*run_on, None, slots, params)
     got = slot_costs(slots, best.decision, MEC, best.t_inf_edge, best.t_inf_loc).objective
     each = []
     for k in range(1, 4):
       for l in range(1, 3):
-        o = evaluation.method(f'exit_{k}_{l}')(setting, None, slots, params)
+        o = evaluation.method(f'exit_{k}_{l}')(*run_on, None, slots, params)
         # The hindsight pipeline runs a policy: each exit is charged as a policy's pick.
         d = mode.pipeline(MODEL, MEC, k, l, slots.mask.sum(-1), policy=True)
         each.append(slot_costs(slots, o.decision, MEC, d.edge, d.loc).objective)
@@ -122,8 +124,8 @@ def test_the_three_delay_models_answer_the_same_calls(tmp_path):
     np.testing.assert_allclose(grid.edge[:, 1, 0], one.edge, rtol=1e-6)
   assert float(measured.pipeline(MODEL, MEC, 3, 2, 6).edge) == pytest.approx(6e-4 + 1e-5)
   assert float(delay.MODELLED.pipeline(MODEL, MEC, 3, 2, 6).edge) == pytest.approx(
-      float(ops.ops_to_delay(ops.allocation_ops(MODEL, 3, 2, 6) + ops.policy_ops(MODEL),
-                             MEC)), rel=1e-6)
+      float(delay.modelled_seconds(ops.allocation_ops(MODEL, 3, 2, 6) + ops.policy_ops(MODEL),
+                                   MEC)), rel=1e-6)
 
 
 # ------------------------------------------------------------ per-depth heads

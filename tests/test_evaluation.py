@@ -15,9 +15,10 @@ from dynn_jax.evaluation import (EvalResult, Params, Setting, check_methods,
                                  chunk_trace_count, evaluate, evaluate_sweep)
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
-from dynn_jax.reproduce import SweepKey, parse_sweeps
-from dynn_jax.reports import (compared, headline_table, methods_table, objective_gap_table,
-                              objective_gaps, points_network_ops, tally)
+from dynn_jax.reproduce import SweepKey, compared, parse_sweeps
+from dynn_jax.report.markdown import points_network_ops, tally
+from dynn_jax.report.tables import (headline_table, methods_table, objective_gap_table,
+                                    objective_gaps)
 from dynn_jax.networks import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +130,14 @@ def test_measured_mode_adds_the_table_latency():
 def test_bad_requests_fail_before_work(names, params, mec, message):
   with pytest.raises(ValueError, match=message):
     check_methods(names, params, Setting(mec, ModelConfig.for_env(mec), mec))
+
+
+def test_a_system_of_another_case_than_the_setting_is_refused():
+  # The compiled methods are those of the setting's case: a case-1 system would run the
+  # case-2 pipeline (scheduler, offloading) on users without CPUs.
+  with pytest.raises(ValueError, match='methods built for case 2'):
+    evaluate(Setting(MEC2, MODEL, MEC2), ('kkt_weighted',), Params(), slots=8,
+             env=MECConfig(case=1, n_users=6).params())
 
 
 def test_measured_mode_refuses_a_solver_the_table_has_not_timed():

@@ -96,6 +96,12 @@ def test_flagfile_runs(flagfile, script, tmp_path, tiny_networks):
   if script == 'reproduce.py':  # a second run reads every point back: resume
     points = sorted((tmp_path / 'points').iterdir())
     assert {'yardstick', 'ga_yardstick'} <= set(json.loads(points[0].read_text()))
+    # The shipped PPO agent runs on the same slots, cached in files of its own.
+    assert [p.name for p in points if p.name.startswith('ppo_')] == [
+        'ppo_case2_cpu_1e+09.json', 'ppo_case2_cpu_4.5e+09.json']
+    text = expected.read_text()
+    assert '| ppo |' in text and '## Training wall time of each pipeline' in text
+    assert '| ppo, case 2 | `checkpoints/ppo_case2.msgpack` |' in text
     stamps = [p.stat().st_mtime_ns for p in points]
     again = run(script, *args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -18,6 +18,7 @@ from dynn_jax.env import Decision
 from dynn_jax.solvers import joint_objective_bound, oracle_offload
 from dynn_jax.solvers import objective as O
 from dynn_jax.solvers.offloading import offloading_table
+from test_solvers_search import count_traces
 
 N = 5
 # Budgets scaled to N users and deadlines of at most 30 ms: misses are common, and which
@@ -198,19 +199,21 @@ def test_oracle_against_exhaustive_offloading_and_its_bound():
 
 def test_compiled_once_for_new_slots_delays_and_traced_constants():
   config = MECConfig(case=1, n_users=6)
-  static = O._objective_allocation.static_variant
-  before = static._cache_size()
-  for i in range(3):
-    slots = sample_slots(jax.random.PRNGKey(i), config, 8)
-    objective_allocation(slots, slots.mask, config, [0.0, 1e-3, np.float32(2e-3)][i])
-  assert static._cache_size() == before + 1
+  many = [sample_slots(jax.random.PRNGKey(i), config, 8) for i in range(3)]
+  delays = [0.0, 1e-3, np.float32(2e-3)]
+  objective_allocation(many[0], many[0].mask, config, delays[0])
+  with count_traces() as traces:
+    for slots, t_inf in zip(many[1:], delays[1:]):
+      objective_allocation(slots, slots.mask, config, t_inf)
+  assert not traces
   # EnvParams: the constants are traced, so other values reuse the same program and
   # give what the static config gives.
-  # (Both variants share one cache: count before any new static config is compiled.)
-  before = static._cache_size()
   others = [config.replace(f_ser=f_ser) for f_ser in (1e9, 4e9)]
-  got = [objective_allocation(slots, slots.mask, other.params()) for other in others]
-  assert static._cache_size() == before + 1
+  params = [other.params() for other in others]
+  got = [objective_allocation(slots, slots.mask, params[0])]
+  with count_traces() as traces:
+    got.append(objective_allocation(slots, slots.mask, params[1]))
+  assert not traces
   for decision, other in zip(got, others):
     want = objective(slots, objective_allocation(slots, slots.mask, other), other)
     np.testing.assert_allclose(objective(slots, decision, other), want, rtol=1e-4)

@@ -379,7 +379,7 @@ def test_train_dry_run_checks_the_run_directory(tmp_path):
   result = launch('train.py', *TINY, f'--run_dir={resumed.path}', '--resume', '--dry_run')
   assert result.returncode != 0 and 'differing fields' in result.stderr, result.stderr[-1500:]
 
-  _write_lock(failed.path, pid=os.getpid(), proc_start=runs._proc_start(os.getpid()))
+  _write_lock(failed.path, pid=os.getpid(), proc_start=runs.proc_start(os.getpid()))
   result = launch('train.py', *TINY, f'--run_dir={failed.path}', '--resume', '--dry_run')
   assert result.returncode != 0 and f'in use by pid {os.getpid()}' in result.stderr, \
       result.stderr[-1500:]

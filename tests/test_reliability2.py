@@ -461,6 +461,34 @@ def test_networks_with_nan_or_misshapen_arrays_are_refused_naming_the_array(tmp_
     load_networks(path)
 
 
+def test_agent_with_nan_misshapen_or_foreign_arrays_is_refused(tmp_path):
+  from dynn_jax.models import ModelConfig
+  from dynn_jax.networks import Params, init_params, load_networks, save_networks
+  from dynn_jax.rl import ActorCritic
+  from dynn_jax.training import TrainConfig
+  mec = MECConfig(n_users=4, case=2)
+  model = ModelConfig.for_env(mec)
+  mask = jnp.ones((1, mec.width), bool)
+  agent = init_params(ActorCritic(hidden=8, layers=1, offload=True, max_users=mec.width),
+                      jax.random.PRNGKey(0), mec, mask)
+  path = str(tmp_path / 'agent.msgpack')
+  save_networks(path, Params(agent=agent), mec, model, TrainConfig())
+  assert load_networks(path)[0].agent['user_0']['kernel'].shape == (10, 8)
+  nan = jax.tree.map(lambda a: a, agent)
+  nan['share_out']['bias'] = nan['share_out']['bias'].at[1].set(jnp.nan)
+  save_networks(path, Params(agent=nan), mec, model, TrainConfig())
+  with pytest.raises(ValueError, match=r"agent\['share_out'\]\['bias'\] holds NaN"):
+    load_networks(path)
+  cut = jax.tree.map(lambda a: a, agent)
+  cut['value_out']['kernel'] = cut['value_out']['kernel'][:4]
+  save_networks(path, Params(agent=cut), mec, model, TrainConfig())
+  with pytest.raises(ValueError, match=r"agent\['value_out'\]\['kernel'\] has shape \(4, 1\)"):
+    load_networks(path)
+  save_networks(path, Params(agent={'w': jnp.zeros(3)}), mec, model, TrainConfig())
+  with pytest.raises(ValueError, match='agent: not the parameters of a dynn_jax.rl agent'):
+    load_networks(path)
+
+
 def test_reproduce_retrain_with_peers_is_refused_before_connecting():
   result = launch('reproduce.py', '--retrain', '--num_processes=2', '--process_id=0',
                   '--coordinator_address=127.0.0.1:1', timeout=60)

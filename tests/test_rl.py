@@ -5,6 +5,7 @@ evaluation method, and the launcher's checks.
 One tiny config serves every training test, so its compiled chunk is built once.
 """
 
+import functools
 import json
 import math
 import os
@@ -157,8 +158,9 @@ def test_ppo_method(trained, tmp_path):
   assert meta['train']['loss'] == 'objective' and meta['train']['algorithm'] == 'ppo'
   assert params.allocator is None
   setting = evaluation.Setting(mec=mec, model=model, feature_config=mec)
+  ppo = functools.partial(evaluation.METHODS['ppo'], setting.static, mec.params())
   slots = sample_slots(jax.random.PRNGKey(3), MEC, 32)
-  outcome = evaluation.METHODS['ppo'](setting, jax.random.PRNGKey(0), slots, params)
+  outcome = ppo(jax.random.PRNGKey(0), slots, params)
   np.testing.assert_array_equal(outcome.t_inf_edge, 0.0)  # treated as free
   # The same decision redone from the module's outputs: x = p > 0.5, softmax of means.
   module = agent_module(params.agent, 2, W)
@@ -174,14 +176,14 @@ def test_ppo_method(trained, tmp_path):
   np.testing.assert_allclose(outcome.decision.f, _softmax_over(mean[..., 1], x) * MEC.f_ser,
                              rtol=1e-4, atol=1e-3 * MEC.f_ser / MEC.b_max)
   # Trimmed to the users present (evaluation.active_rows), the same decision.
-  trimmed = evaluation.METHODS['ppo'](setting, None, evaluation.first_rows(slots, 6), params)
+  trimmed = ppo(None, evaluation.first_rows(slots, 6), params)
   np.testing.assert_allclose(trimmed.decision.b, outcome.decision.b[:, :6], rtol=1e-5)
   result = evaluation.evaluate(setting, ('ppo',), params, slots=64)
   assert result.mean('ppo', 'ops') == 0 and math.isfinite(result.mean('ppo'))
   with pytest.raises(ValueError, match='built for case 2'):
     agent_module(params.agent, 1, W)
   with pytest.raises(ValueError, match="'ppo' needs a trained agent"):
-    evaluation.METHODS['ppo'](setting, None, slots, params._replace(agent=None))
+    ppo(None, slots, params._replace(agent=None))
 
 
 def test_networks_files_without_an_agent_load():

@@ -17,11 +17,13 @@ from dynn_jax.networks import Networks
 from dynn_jax.runs import RunDir, RunDirError
 from dynn_jax.training import (TrainConfig, alloc_learning_rate, init_params, kl_bounds,
                                check_scheduler_training, load_networks,
-                               miss_temperature, policy_loss, read_flagfile, run_config,
+                               miss_temperature, policy_loss, run_config,
                                save_networks,
                                train_allocator, train_all, train_and_evaluate, trained_loss,
                                tune_allocator,
                                weighted_delays)
+from dynn_jax.cli import read_flagfile
+from dynn_jax.cost_study import limiting_subnetworks, without_compile
 from dynn_jax.evaluation import Params
 from dynn_jax.env import normalized_features
 
@@ -246,19 +248,18 @@ def test_miss_temperature_anneals_from_start_to_end():
 
 
 def test_cost_study_counts_compile_once_per_stage_at_the_median():
-  from dynn_jax.cost_study import _without_compile
   # Two stages; first chunks carry 5 s of compilation, other chunks take 1 s.
   chunks = [(30, [6.0, 1.0, 1.0]), (10, [5.5])]
-  assert _without_compile(chunks) == 1.0 + 1.0 + 1.0 + 1.0
-  assert _without_compile([(10, [4.0])]) == 4.0  # nothing to compare with: kept
+  assert without_compile(chunks) == 1.0 + 1.0 + 1.0 + 1.0
+  assert without_compile([(10, [4.0])]) == 4.0  # nothing to compare with: kept
 
 
 def test_cost_study_limiting_subnetworks_are_the_last_or_never_at_the_bar():
-  from dynn_jax.cost_study import _limiting
   first = np.array([[10, 30], [20, -1]])
-  assert _limiting(first, np.ones((2, 2), bool)) == [[2, 2]]
-  assert _limiting(first, np.array([[True, False], [True, False]])) == [[2, 1]]
-  assert _limiting(np.array([[5, 5], [3, 5]]), np.ones((2, 2), bool)) == [[1, 1], [1, 2], [2, 2]]
+  assert limiting_subnetworks(first, np.ones((2, 2), bool)) == [[2, 2]]
+  assert limiting_subnetworks(first, np.array([[True, False], [True, False]])) == [[2, 1]]
+  assert limiting_subnetworks(np.array([[5, 5], [3, 5]]), np.ones((2, 2), bool)) == [
+      [1, 1], [1, 2], [2, 2]]
 
 
 def test_cost_study_stops_at_the_bar_and_resumes_from_its_cache(tmp_path, monkeypatch):

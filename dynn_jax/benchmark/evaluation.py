@@ -170,17 +170,17 @@ def chunk_memory(setting: evaluation.Setting, name: str, params: Params, chunk: 
   """XLA's memory analysis of the program `evaluate` runs per chunk of `chunk` slots for
   method `name` (None where the backend gives none).
 
-  Lowers `evaluation._chunk_sums` with the arguments `evaluate` passes it, so after an
-  `evaluate` with the same chunk the compile is the one already cached.
+  Lowers `evaluation.compiled_chunk_sums` with the arguments `evaluate` passes it, so
+  after an `evaluate` with the same chunk the compile is the one already cached.
   """
   mesh = evaluation.batch_mesh()
   devices = mesh.devices.size
   chunk = devices * math.ceil(chunk / devices)
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
   rows = evaluation.active_rows(setting.mec.n_users, setting.mec.width)
-  compiled = evaluation._chunk_sums.lower(evaluation.shape_setting(setting), (name,), key,
-                                          params, chunk, setting.mec.params(), chunk, mesh,
-                                          rows).compile()
+  compiled = evaluation.compiled_chunk_sums.lower(setting.static, setting.mec.params(),
+                                                  (name,), key, params, chunk, chunk, mesh,
+                                                  rows).compile()
   stats = compiled.memory_analysis()
   if stats is None:
     return None

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynn_jax import latency, ops
+from dynn_jax import delay, latency, ops
 from dynn_jax.benchmark.bucketed import bucketed_apply, group_by_exit
 from dynn_jax.benchmark.host import host_load, load_line, runtime_info, target_lines
 from dynn_jax.benchmark.timing import (compile_ahead, format_table, time_calls,
@@ -174,7 +174,8 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
     for l in range(1, L + 1):
       count = float(ops.allocation_ops(model, k, l, n_users))
       results['exits'].append(timed(timings[(k, l)], k=k, l=l, ops=count,
-                                     modelled_delay_s=float(ops.ops_to_delay(count, mec))))
+                                     modelled_delay_s=float(delay.modelled_seconds(
+                                         ops.as_float(count), mec))))
   extra = {'static': {'ops': float(ops.static_ops(model, n_users))},
            'scheduler': {'ops': float(ops.scheduler_ops(model, n_users))},
            'policy': {'ops': float(ops.policy_ops(model))},
@@ -193,7 +194,7 @@ def exits_suite(mec: MECConfig, model: ModelConfig, *, n_users: int | None = Non
   exits = results['exits']
   medians = [e['median_s'] for e in exits]
   results['fit'] = {**fit_line([e['ops'] for e in exits], medians),
-                    'modelled_seconds_per_op': mec.cycles_per_op / mec.f_ser}
+                    'modelled_seconds_per_op': delay.modelled_seconds(1.0, mec)}
   results['fit_with_experts'] = fit_with_experts([e['k'] for e in exits],
                                                  [e['ops'] for e in exits], medians)
   results['load_end'] = host_load()

@@ -10,7 +10,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from dynn_jax import training
 from dynn_jax.config import MECConfig
 from dynn_jax.env import normalized_features, sample_slots
 from dynn_jax.models import ModelConfig, per_slot_apply
@@ -26,11 +28,6 @@ def write_profile(profile_dir: str, mec: MECConfig, model: ModelConfig,
   Returns the files of this trace: {'dir', 'perfetto', 'xplane'} (jax writes each trace
   to a new <profile_dir>/plugins/profile/<time> folder).
   """
-  # Imported here: training pulls in optax and the evaluation module, which the
-  # timing suites do not need.
-  import optax
-  from dynn_jax import training
-
   slots = sample_slots(jax.random.PRNGKey(seed), mec)
   feats, mask = normalized_features(slots, mec), slots.mask
   alloc = variables['allocator']
@@ -43,7 +40,7 @@ def write_profile(profile_dir: str, mec: MECConfig, model: ModelConfig,
   state = training.TrainState(params, tx.init(params), jnp.int32(0))
   step = training.allocator_step(training.moe_apply(model), tx, mec, train, model,
                                  dynamic=True)
-  chunk = training._scan_chunk(step, jax.random.PRNGKey(seed + 1))
+  chunk = training.scan_chunk(step, jax.random.PRNGKey(seed + 1))
   for kl, fn in compiled.items():
     jax.block_until_ready(fn(alloc, feats, mask))
   jax.block_until_ready(chunk(state, 1))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dynn_jax.config import Config
-from dynn_jax.env import Decision
+from dynn_jax.env import Decision, decision_from_shares
 
 Array = jax.Array
 
@@ -54,5 +54,5 @@ def logit_shares(z: Array) -> Array:
 def shares_decision(x: Array, b_share: Array, f_share: Array, config: Config) -> Decision:
   """The `Decision` of offloading bits `x` (bool, already restricted to real users) and
   relative shares: each share normalised over `x`, times the budget."""
-  return Decision(x=x, b=normalize_shares(b_share, x) * config.b_max,
-                  f=normalize_shares(f_share, x) * config.f_ser)
+  return decision_from_shares(x, normalize_shares(b_share, x), normalize_shares(f_share, x),
+                              config)

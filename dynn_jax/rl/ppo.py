@@ -53,9 +53,11 @@ from dynn_jax import runs
 from dynn_jax.config import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED_RANGE, ConfigBase,
                              ConfigError, EnvParams, MECConfig, Range, check_choice,
                              check_ranges)
+from dynn_jax.evaluation import Setting, evaluate
 from dynn_jax.gym import Action, EnvState, MECEnv, split_obs
 from dynn_jax.models import ModelConfig
 from dynn_jax.networks import Params, save_networks
+from dynn_jax.quality import HELD_OUT_SEED
 from dynn_jax.rl.actions import logit_shares
 from dynn_jax.rl.agent import ActorCritic, AgentOutput
 from dynn_jax.runs import RunDir
@@ -352,7 +354,7 @@ def init_state(config: PPOConfig, env: MECEnv | MECConfig, key: Array,
                env_params: EnvParams | MECConfig | None = None) -> PPOState:
   """Fresh agent (from fold_in(key, 0)), optimizer state and slots (fold_in(key, 2))."""
   env = _env_and_check(config, env)
-  env_params = env._params(env_params)
+  env_params = env.checked_params(env_params)
   module = agent_for(config, env)
   obs, env_state = reset_grouped(config, env, jax.random.fold_in(key, 2), env_params)
   features, mask = split_obs(obs[:1])
@@ -426,8 +428,6 @@ def save_agent(path: str, agent: Any, mec: MECConfig, config: PPOConfig) -> None
 def held_out(mec: MECConfig, agent: Any, slots: int) -> dict:
   """The deterministic agent and the oracle on `slots` held-out slots (the training
   summaries' seed): EvalResult.to_dict()."""
-  from dynn_jax.evaluation import Setting, evaluate  # the summary only: a heavy import
-  from dynn_jax.quality import HELD_OUT_SEED
   setting = Setting(mec=mec, model=ModelConfig.for_env(mec), feature_config=mec)
   return evaluate(setting, ('ppo', 'oracle'), Params(agent=agent), slots=slots,
                   seed=HELD_OUT_SEED).to_dict()

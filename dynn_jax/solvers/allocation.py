@@ -52,14 +52,17 @@ def _log_psi_and_slope(u: Array) -> tuple[Array, Array]:
   return log_psi, slope
 
 
-def _invert_log_psi(target: Array, u: Array, steps: int) -> Array:
+def invert_log_psi(target: Array, u: Array, steps: int) -> Array:
+  """u = log t with log psi(t) = target: `steps` Newton steps from u (shared with the
+  objective's dual bound, which prices bandwidth by the same KKT condition)."""
   def body(_, u):
     value, slope = _log_psi_and_slope(u)
     return u - (value - target) / slope
   return jax.lax.fori_loop(0, steps, body, u)
 
 
-def _initial_log_t(target: Array) -> Array:
+def initial_log_t(target: Array) -> Array:
+  """A starting point for `invert_log_psi`, from the asymptotes of psi."""
   # psi(t) ~ t^2 / 2 for small t and ~ t^2 / ln t for large t.
   large = 0.5 * (target + jnp.log(jnp.maximum(0.5 * target, 1.0)))
   return jnp.where(target < 0.0, 0.5 * (target + jnp.log(2.0)), large)
@@ -80,23 +83,24 @@ def _optimal_bandwidth(ws: Array, k: Array, active: Array, b_max: float,
   # At the optimum every b_i <= b_max and the largest b_i >= b_max / n.
   low = jnp.max(jnp.where(active, tau_at(b_max), -jnp.inf))
   high = jnp.max(jnp.where(active, tau_at(b_max / n_active), -jnp.inf))
-  u = _invert_log_psi(low + log_q, _initial_log_t(low + log_q), NEWTON_STEPS_INITIAL)
+  u = invert_log_psi(low + log_q, initial_log_t(low + log_q), NEWTON_STEPS_INITIAL)
 
   def bisect(_, carry):
     low, high, u = carry
     mid = 0.5 * (low + high)
-    u = _invert_log_psi(mid + log_q, u, NEWTON_STEPS_PER_BISECTION)
+    u = invert_log_psi(mid + log_q, u, NEWTON_STEPS_PER_BISECTION)
     total = jnp.where(active, k_safe * jnp.exp(-u), 0.0).sum()
     too_much = total > b_max  # bandwidth falls as nu rises
     return jnp.where(too_much, mid, low), jnp.where(too_much, high, mid), u
 
   low, high, u = jax.lax.fori_loop(0, bisection_steps, bisect, (low, high, u))
-  u = _invert_log_psi(0.5 * (low + high) + log_q, u, NEWTON_STEPS_PER_BISECTION)
+  u = invert_log_psi(0.5 * (low + high) + log_q, u, NEWTON_STEPS_PER_BISECTION)
   b = jnp.where(active, k_safe * jnp.exp(-u), 0.0)
   return b * (b_max / jnp.where(active.any(), b.sum(), 1.0))
 
 
-def _proportional(share: Array, total: float) -> Array:
+def proportional_split(share: Array, total: float) -> Array:
+  """`total` split over users in proportion to `share` [..., W]; 0 where all are 0."""
   s = share.sum(-1, keepdims=True)
   return jnp.where(s > 0, total * share / jnp.where(s > 0, s, 1.0), 0.0)
 
@@ -114,8 +118,9 @@ def weighted_allocation(slots: Slots, offload: Array, tra_weight: Array, com_wei
   x = jnp.asarray(offload).astype(bool) & slots.mask
   zero = jnp.zeros_like(slots.s)
   tra_weight, com_weight = zero + tra_weight, zero + com_weight
-  f = _proportional(jnp.where(x & (com_weight > 0),
-                              jnp.sqrt(com_weight * slots.c * slots.s), 0.0), config.f_ser)
+  f = proportional_split(jnp.where(x & (com_weight > 0),
+                                   jnp.sqrt(com_weight * slots.c * slots.s), 0.0),
+                         config.f_ser)
   k = snr_coefficient(slots.l, config)
   ws = tra_weight * slots.s
   solve = lambda ws, k, a: _optimal_bandwidth(ws, k, a, config.b_max, bisection_steps)
@@ -140,5 +145,5 @@ def equal_split(slots: Slots, offload: Array, config: Config) -> Decision:
   """b_max and f_ser split evenly over the offloaded users."""
   x = jnp.asarray(offload).astype(bool) & slots.mask
   share = x.astype(slots.s.dtype)
-  return Decision(x=x, b=_proportional(share, config.b_max),
-                  f=_proportional(share, config.f_ser))
+  return Decision(x=x, b=proportional_split(share, config.b_max),
+                  f=proportional_split(share, config.f_ser))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from dynn_jax.batching import blocked
 from dynn_jax.config import POSITIVE_INT, Config, ConfigBase, Range, check_ranges, jit_config
 from dynn_jax.env import Decision, Slots, slot_costs
-from dynn_jax.solvers.offloading import inference_delays
+from dynn_jax.solvers.offloading import delays_in_slot_dtype
 
 Array = jax.Array
 
@@ -219,5 +219,5 @@ def ga_solve(key: Array, slots: Slots, config: Config, ga_config: GAConfig = GAC
   uses one key per slot from `jax.random.split`. Runs jitted (`config` and `ga_config`
   static); also traceable inside a caller's jit or vmap.
   """
-  t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
+  t_edge, t_loc = delays_in_slot_dtype(slots, t_inf_edge, t_inf_loc)
   return _ga_solve(key, slots, t_edge, t_loc, config=config, ga_config=ga_config)

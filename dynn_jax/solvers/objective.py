@@ -65,12 +65,13 @@ import jax.numpy as jnp
 import optax
 
 from dynn_jax.config import Config, jit_config
-from dynn_jax.env import (Decision, Slots, edge_delays, local_delay, local_energy,
-                          safe_div, snr_coefficient, uplink_rate)
-from dynn_jax.solvers.allocation import (BISECTION_STEPS, _initial_log_t, _invert_log_psi,
-                                         _proportional, equal_split, optimal_allocation,
-                                         weighted_allocation)
-from dynn_jax.solvers.offloading import inference_delays
+from dynn_jax.env import (Decision, Slots, decision_from_shares, edge_delays,
+                          edge_user_costs, expand_to_users, local_user_costs, safe_div,
+                          snr_coefficient, uplink_rate, user_cost)
+from dynn_jax.solvers.allocation import (BISECTION_STEPS, equal_split, initial_log_t,
+                                         invert_log_psi, optimal_allocation,
+                                         proportional_split, weighted_allocation)
+from dynn_jax.solvers.offloading import delays_in_slot_dtype
 
 Array = jax.Array
 
@@ -84,10 +85,6 @@ PRICE_SCALES = (1.0, 0.5, 0.25, 0.1, 0.03)
 BOUND_NEWTON_STEPS = 24
 
 
-def _expand(value: Array, like: Array) -> Array:
-  return jnp.asarray(value, like.dtype)[..., None]
-
-
 def transmission_weight(config: Config) -> float:
   """The objective's weight on T_tra: alpha (delay) + beta p (the user's energy)."""
   return config.alpha + config.beta * config.p_tx
@@ -98,31 +95,6 @@ def convex_allocation(slots: Slots, offload: Array, config: Config,
   """Exact minimiser of alpha (T_tra + T_com) + beta p T_tra: the objective less misses."""
   return weighted_allocation(slots, offload, transmission_weight(config), config.alpha,
                              config, bisection_steps)
-
-
-def edge_user_costs(slots: Slots, x: Array, b: Array, f: Array, config: Config,
-                    t_inf_edge: Array, temperature: Array | None = None) -> Array:
-  """Each offloaded user's share of the objective [..., W] (0 elsewhere).
-
-  With a temperature the miss indicator is sigmoid((T - d) / (temperature d)); without
-  it the hard indicator of `slot_costs` (same arithmetic, so the same misses).
-  """
-  t_tra, t_com = edge_delays(slots, b, f, config)
-  delay = _expand(t_inf_edge, slots.s) + (t_tra + t_com)   # as slot_costs adds them
-  if temperature is None:
-    late = (delay > slots.d).astype(delay.dtype)
-  else:
-    late = jax.nn.sigmoid((delay - slots.d) / (_expand(temperature, slots.s) * slots.d))
-  cost = config.alpha * delay + config.beta * config.p_tx * t_tra + config.delta * late
-  return jnp.where(x, cost, 0.0)
-
-
-def local_user_costs(slots: Slots, config: Config, t_inf_loc: Array) -> Array:
-  """Each real user's share of the objective if it computes locally [..., W]."""
-  delay = _expand(t_inf_loc, slots.s) + local_delay(slots)
-  cost = (config.alpha * delay + config.beta * local_energy(slots, config)
-          + config.delta * (delay > slots.d))
-  return jnp.where(slots.mask, cost, 0.0)
 
 
 def _objective(slots, x, b, f, config, t_inf_edge, t_inf_loc=None) -> Array:
@@ -152,7 +124,7 @@ def _descend(slots: Slots, x: Array, start: Decision, config: Config,
 
   def decision(z):
     share = lambda v: jnp.where(x, jax.nn.softmax(jnp.where(x, v, -jnp.inf), -1), 0.0)
-    return Decision(x=x, b=config.b_max * share(z[0]), f=config.f_ser * share(z[1]))
+    return decision_from_shares(x, share(z[0]), share(z[1]), config)
 
   def smooth(z, temperature):
     d = decision(z)
@@ -208,7 +180,8 @@ def rescue_allocation(slots: Slots, rescue: Array, x: Array, config: Config,
   tra, com = transmission_weight(config), config.alpha
   floor = jnp.maximum(com, 1e-12)
   # Aim a hair inside the deadline: exactly at it, rounding decides the miss.
-  slack = RESCUE_MARGIN * jnp.maximum(slots.d - _expand(t_inf_edge, slots.s), 1e-3 * slots.d)
+  slack = RESCUE_MARGIN * jnp.maximum(slots.d - expand_to_users(t_inf_edge, slots.s),
+                                      1e-3 * slots.d)
   rescue = rescue & x & (slots.s > 0)
 
   def body(_, lam):
@@ -248,7 +221,7 @@ def _better(a: Decision, a_obj: Array, b: Decision, b_obj: Array) -> tuple[Decis
 
 def _delays(slots: Slots, d: Decision, t_inf_edge: Array, config: Config) -> Array:
   t_tra, t_com = edge_delays(slots, d.b, d.f, config)
-  return _expand(t_inf_edge, slots.s) + (t_tra + t_com)
+  return expand_to_users(t_inf_edge, slots.s) + (t_tra + t_com)
 
 
 def objective_allocation(slots: Slots, offload: Array, config: Config,
@@ -261,7 +234,7 @@ def objective_allocation(slots: Slots, offload: Array, config: Config,
   than `optimal_allocation`, `equal_split` or `convex_allocation`; no NaN (an offloaded
   user with s > 0 always gets some bandwidth). See the module docstring for the method.
   """
-  t_edge, _ = inference_delays(slots, t_inf_edge, 0.0)
+  t_edge, _ = delays_in_slot_dtype(slots, t_inf_edge, 0.0)
   return _objective_allocation(slots, offload, t_edge, config=config, steps=steps)
 
 
@@ -295,11 +268,11 @@ def _priced_bandwidth(slots: Slots, nu_b: Array, config: Config) -> Array:
   """min_b [(alpha + beta p) s / r(b) + nu_b b] per user [..., W]."""
   ws = transmission_weight(config) * slots.s
   k = snr_coefficient(slots.l, config)
-  nu = jnp.maximum(_expand(nu_b, slots.s), jnp.finfo(slots.s.dtype).tiny)
+  nu = jnp.maximum(expand_to_users(nu_b, slots.s), jnp.finfo(slots.s.dtype).tiny)
   live = ws > 0
   log_q = 2.0 * jnp.log(k) - jnp.log(jnp.where(live, ws, 1.0)) - math.log(math.log(2.0))
   target = jnp.log(nu) + log_q
-  u = _invert_log_psi(target, _initial_log_t(target), BOUND_NEWTON_STEPS)
+  u = invert_log_psi(target, initial_log_t(target), BOUND_NEWTON_STEPS)
   b = k * jnp.exp(-u)
   value = safe_div(ws, uplink_rate(b, slots.l, config)) + nu * b
   # Without a price the infimum is the rate limit at infinite bandwidth, K / ln 2. The
@@ -312,20 +285,20 @@ def _priced_bandwidth(slots: Slots, nu_b: Array, config: Config) -> Array:
 
 def _priced_compute(slots: Slots, nu_f: Array, config: Config) -> Array:
   """min_f [alpha c s / f + nu_f f] = 2 sqrt(alpha c s nu_f) per user [..., W]."""
-  return 2.0 * jnp.sqrt(config.alpha * slots.c * slots.s * _expand(nu_f, slots.s))
+  return 2.0 * jnp.sqrt(config.alpha * slots.c * slots.s * expand_to_users(nu_f, slots.s))
 
 
 def _certain_miss(slots: Slots, config: Config, t_inf_edge: Array) -> Array:
   """Users late even with the whole bandwidth and CPU [..., W]."""
   t_tra, t_com = edge_delays(slots, jnp.full_like(slots.s, config.b_max),
                              jnp.full_like(slots.s, config.f_ser), config)
-  return _expand(t_inf_edge, slots.s) + (t_tra + t_com) > slots.d
+  return expand_to_users(t_inf_edge, slots.s) + (t_tra + t_com) > slots.d
 
 
 def _unpriced_edge_cost(slots: Slots, config: Config, t_inf_edge: Array) -> Array:
   """The part of a user's edge cost no allocation changes: alpha T_inf + delta 1{certain miss}."""
-  return (config.alpha * _expand(t_inf_edge, slots.s)
-          + config.delta * _certain_miss(slots, config, t_inf_edge))
+  return user_cost(config, expand_to_users(t_inf_edge, slots.s), None,
+                   _certain_miss(slots, config, t_inf_edge), zero_weight_drops=False)
 
 
 def _dual_bound(slots: Slots, x: Array, config: Config, t_inf_edge: Array,
@@ -360,7 +333,7 @@ def objective_bound(slots: Slots, offload: Array, config: Config,
   At least the miss-free convex optimum, plus delta for every user that misses even
   with the whole budget (see the module docstring). Valid for every allocation.
   """
-  t_edge, _ = inference_delays(slots, t_inf_edge, 0.0)
+  t_edge, _ = delays_in_slot_dtype(slots, t_inf_edge, 0.0)
   return _objective_bound(slots, offload, t_edge, config=config)
 
 
@@ -374,7 +347,7 @@ def _joint_objective_bound(slots, t_inf_edge, t_inf_loc, config):
 def joint_objective_bound(slots: Slots, config: Config, t_inf_edge: float | Array = 0.0,
                           t_inf_loc: float | Array = 0.0) -> Array:
   """A lower bound [...] of the least slot objective over every offloading set too."""
-  t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
+  t_edge, t_loc = delays_in_slot_dtype(slots, t_inf_edge, t_inf_loc)
   return _joint_objective_bound(slots, t_edge, t_loc, config=config)
 
 
@@ -433,8 +406,9 @@ def _oracle_offload(slots, t_inf_edge, t_inf_loc, config, steps):
   # Send home users for whom the edge is dearer than local; their share goes to the rest.
   edge = edge_user_costs(slots, decision.x, decision.b, decision.f, config, t_inf_edge)
   keep = decision.x & ~(edge > local)
-  kept = Decision(x=keep, b=_proportional(jnp.where(keep, decision.b, 0.0), config.b_max),
-                  f=_proportional(jnp.where(keep, decision.f, 0.0), config.f_ser))
+  regive = lambda amount, budget: proportional_split(jnp.where(keep, amount, 0.0), budget)
+  kept = Decision(x=keep, b=regive(decision.b, config.b_max),
+                  f=regive(decision.f, config.f_ser))
   obj_before = _objective(slots, decision.x, decision.b, decision.f, config, t_inf_edge,
                           t_inf_loc)
   obj_after = _objective(slots, kept.x, kept.b, kept.f, config, t_inf_edge, t_inf_loc)
@@ -448,7 +422,7 @@ def oracle_offload(slots: Slots, config: Config, t_inf_edge: float | Array = 0.0
   See the module docstring; the tests compare it with the enumeration of every
   offloading set on small N.
   """
-  t_edge, t_loc = inference_delays(slots, t_inf_edge, t_inf_loc)
+  t_edge, t_loc = delays_in_slot_dtype(slots, t_inf_edge, t_inf_loc)
   return _oracle_offload(slots, t_edge, t_loc, config=config, steps=steps)
 
 

@@ -67,7 +67,7 @@ def _search_one(slots: Slots, t_inf_edge: Array, t_inf_loc: Array,
   return jax.tree.map(lambda a: a[best], decisions)
 
 
-def inference_delays(slots: Slots, t_inf_edge, t_inf_loc) -> tuple[Array, Array]:
+def delays_in_slot_dtype(slots: Slots, t_inf_edge, t_inf_loc) -> tuple[Array, Array]:
   """Inference delays as arrays of the slots' dtype.
 
   Python floats, NumPy and JAX scalars then all reach the jitted solvers with the same
@@ -110,5 +110,5 @@ def exhaustive_search(slots: Slots, config: Config, t_inf_edge: float | Array = 
   if width > MAX_EXHAUSTIVE_WIDTH:
     raise ValueError(f'exhaustive_search: width {width} exceeds the limit of '
                      f'{MAX_EXHAUSTIVE_WIDTH} users (2^W sets are enumerated)')
-  return _exhaustive_search(slots, *inference_delays(slots, t_inf_edge, t_inf_loc),
+  return _exhaustive_search(slots, *delays_in_slot_dtype(slots, t_inf_edge, t_inf_loc),
                             config=config)

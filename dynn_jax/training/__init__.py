@@ -7,8 +7,10 @@ baseline, the policy (supervised) and the scheduler (policy gradient).
           (paper or objective loss), policy, joint scheduler + policy;
   loop    the scanned, checkpointed, resumable chunk loop and the phases run on it
           (`train_allocator`, `train_policy`, `train_joint`, `train_all`);
-  job     `train_and_evaluate` (a run directory, trained, saved and summarised) and
-          `read_flagfile` (a training flagfile's configs).
+  job     `train_and_evaluate` (a run directory, trained, saved and summarised);
+  summary `training_summary` (quality gaps and the held-out evaluation of a run).
+
+A training flagfile's configs come from `dynn_jax.cli.read_flagfile`.
 
 The quality measure lives in `dynn_jax.quality`, the networks file in
 `dynn_jax.networks`; both are re-exported here for the callers that import them from
@@ -23,31 +25,28 @@ from dynn_jax.training.config import (DYNAMIC, SCHEDULES, TrainConfig, alloc_lea
                                       check_scheduler_training,
                                       kl_bounds, miss_temperature, phase_key, sample_kl,
                                       sample_offload, training_delay, training_slots)
-from dynn_jax.training.job import (LAUNCHER_FLAGS, TrainingFlags, read_flagfile, run_config,
-                                   train_and_evaluate)
+from dynn_jax.training.job import run_config, train_and_evaluate
 from dynn_jax.training.loop import (TrainingDiverged, chunked_phase, scan_chunk, train_all,
                                     train_allocator,
                                     train_joint, train_policy, tune_allocator)
 from dynn_jax.training.steps import (JointState, TrainState, allocator_step, joint_step,
                                      moe_apply, objective_loss,
-                                     option_costs, policy_labels, policy_loss, policy_step,
+                                     option_costs, policy_loss, policy_step,
                                      static_apply, update, user_costs)
-
-# dynn_jax.benchmark's profile builds a chunk by this name (without donation: it reuses
-# the state it passes).
-_scan_chunk = scan_chunk
+from dynn_jax.training.summary import training_summary
 
 __all__ = [
-    'DYNAMIC', 'HELD_OUT_SEED', 'TrainingDiverged', 'load_allocators', 'HeldOut', 'JointState', 'LAUNCHER_FLAGS', 'LOSSES', 'Params',
-    'SCHEDULES', 'TrainConfig', 'TrainState', 'TrainingFlags', 'alloc_learning_rate',
+    'DYNAMIC', 'HELD_OUT_SEED', 'TrainingDiverged', 'load_allocators', 'HeldOut', 'JointState', 'LOSSES', 'Params',
+    'SCHEDULES', 'TrainConfig', 'TrainState', 'alloc_learning_rate',
     'check_scheduler_training', 'tune_allocator',
     'allocator_step',
     'chunked_phase', 'held_out', 'init_params', 'joint_step', 'kl_bounds', 'load_networks',
     'miss_temperature', 'moe_apply', 'objective_loss', 'training_delay',
-    'option_costs', 'phase_key', 'policy_labels', 'policy_loss', 'policy_step',
-    'read_flagfile', 'run_config',
+    'option_costs', 'phase_key', 'policy_loss', 'policy_step',
+    'run_config',
     'sample_kl', 'sample_offload', 'save_networks', 'scan_chunk', 'static_apply',
     'static_gap', 'subnetwork_gaps', 'train_all', 'train_allocator', 'train_and_evaluate',
-    'train_joint', 'train_policy', 'trained_loss', 'training_slots', 'update', 'user_costs',
+    'train_joint', 'train_policy', 'trained_loss', 'training_slots', 'training_summary',
+    'update', 'user_costs',
     'weighted_delays',
 ]

@@ -45,13 +45,14 @@ import optax
 
 from dynn_jax import delay as delay_model
 from dynn_jax.config import MECConfig
-from dynn_jax.env import (Decision, Slots, edge_delays, importance_weight, local_delay,
-                          local_energy, normalized_features)
+from dynn_jax.env import (Decision, Slots, edge_delays, edge_user_costs, importance_weight,
+                          local_delay, local_energy, local_user_costs, normalized_features,
+                          user_cost)
 from dynn_jax.models import (Allocation, ModelConfig, Policy, Scheduler, StaticAllocator,
-                             all_subnetworks, choose_kl, moe_forward, policy_context,
+                             all_subnetworks, allocate, choose_kl, moe_forward, policy_context,
                              scheduler_context)
 from dynn_jax.solvers import equal_split
-from dynn_jax.solvers.objective import edge_user_costs, local_user_costs, resource_prices
+from dynn_jax.solvers.objective import resource_prices
 from dynn_jax.training.config import (TrainConfig, miss_temperature, sample_kl,
                                       sample_offload, training_slots, training_system)
 
@@ -87,9 +88,11 @@ class TrainState(NamedTuple):
 # ------------------------------------------------------------------- allocation
 
 
-def output_delays(out: Allocation, slots: Slots, config: MECConfig) -> tuple[Array, Array]:
+def output_delays(out: Allocation, slots: Slots, x: Array, config: MECConfig
+                  ) -> tuple[Array, Array]:
   """(T_tra, T_com) of every user under an allocator's shares of the budgets."""
-  return edge_delays(slots, out.b_share * config.b_max, out.f_share * config.f_ser, config)
+  decision = allocate(out, x, config)
+  return edge_delays(slots, decision.b, decision.f, config)
 
 
 def weighted_parts(out: Allocation, slots: Slots, x: Array, config: MECConfig
@@ -97,7 +100,7 @@ def weighted_parts(out: Allocation, slots: Slots, x: Array, config: MECConfig
   """Mean over slots of sum_i w_i T_tra_i and of sum_i w_i T_com_i (the two losses)."""
   w = importance_weight(slots, config)
   take = x & (w > 0)
-  t_tra, t_com = output_delays(out, slots, config)
+  t_tra, t_com = output_delays(out, slots, x, config)
   part = lambda t: jnp.where(take, w * t, 0.0).sum(-1).mean()
   return part(t_tra), part(t_com)
 
@@ -130,8 +133,9 @@ def objective_loss(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
   to a fixed per-slot reference every slot counts alike, and the minimiser per slot is
   unchanged.
   """
-  b, f = out.b_share * mec.b_max, out.f_share * mec.f_ser
-  cost = edge_user_costs(slots, x, b, f, mec, t_inf_edge, temperature).sum(-1)
+  decision = allocate(out, x, mec)
+  cost = edge_user_costs(slots, x, decision.b, decision.f, mec, t_inf_edge,
+                         temperature).sum(-1)
   equal = equal_split(slots, x, mec)
   reference = edge_user_costs(slots, x, equal.b, equal.f, mec, t_inf_edge).sum(-1)
   return (cost / jnp.maximum(jax.lax.stop_gradient(reference), 1e-30)).mean()
@@ -230,8 +234,9 @@ def edge_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig,
                t_inf_edge: Array) -> Array:
   """C_edge_i = alpha (w_i T_inf_edge + T_edge_i) + beta E_edge_i, per user [..., W]."""
   w = importance_weight(slots, mec)
-  t_tra, t_com = output_delays(out, slots, mec)
-  cost = mec.alpha * (w * t_inf_edge[..., None] + t_tra + t_com) + mec.beta * mec.p_tx * t_tra
+  t_tra, t_com = output_delays(out, slots, x, mec)
+  cost = user_cost(mec, w * t_inf_edge[..., None] + t_tra + t_com, t_tra,
+                   energy_weight=mec.beta * mec.p_tx, zero_weight_drops=False)
   return jnp.where(x, cost, 0.0)
 
 
@@ -239,7 +244,8 @@ def local_costs(slots: Slots, mec: MECConfig, t_inf_loc: Array) -> Array:
   """C_loc_i = alpha (w_i T_inf_loc + T_loc_i) + beta E_loc_i, per user [..., W]."""
   w = importance_weight(slots, mec)
   energy = local_energy(slots, mec)
-  cost = mec.alpha * (w * jnp.asarray(t_inf_loc)[..., None] + local_delay(slots)) + mec.beta * energy
+  cost = user_cost(mec, w * jnp.asarray(t_inf_loc)[..., None] + local_delay(slots), energy,
+                   zero_weight_drops=False)
   return jnp.where(slots.mask, cost, 0.0)
 
 
@@ -249,8 +255,8 @@ def user_costs(out: Allocation, slots: Slots, x: Array, mec: MECConfig, t_inf_ed
   ('paper') or the user's hard share of the slot objective ('objective')."""
   if loss == 'paper':
     return edge_costs(out, slots, x, mec, t_inf_edge)
-  return edge_user_costs(slots, x, out.b_share * mec.b_max, out.f_share * mec.f_ser, mec,
-                         t_inf_edge)
+  decision = allocate(out, x, mec)
+  return edge_user_costs(slots, x, decision.b, decision.f, mec, t_inf_edge)
 
 
 def option_costs(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
@@ -265,12 +271,6 @@ def option_costs(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: S
   t_edge = jnp.moveaxis(t_edge, (-2, -1), (0, 1))         # [K, L, B]
   cost = user_costs(out, slots, x, mec, t_edge, loss).sum(-1)   # [K, L, B]
   return jnp.moveaxis(cost.reshape((model.num_options,) + cost.shape[2:]), 0, -1)
-
-
-def policy_labels(model: ModelConfig, mec: MECConfig, alloc_params: Any, slots: Slots,
-                  x: Array, delay: Any = None, loss: str = 'paper') -> Array:
-  """Option index minimising the summed edge cost over the offloaded users: [...]."""
-  return jnp.argmin(option_costs(model, mec, alloc_params, slots, x, delay, loss), -1)
 
 
 def policy_loss(policy: Policy, params: Any, feats: Array, x: Array, costs: Array,
@@ -341,7 +341,8 @@ def congestion_costs(cf: Allocation, slots: Slots, x: Array, mec: MECConfig) -> 
   budgets at their Lagrange multipliers makes each user's reward its marginal effect on
   the slot objective, to first order.
   """
-  b, f = cf.b_share * mec.b_max, cf.f_share * mec.f_ser
+  shared = allocate(cf, x, mec)
+  b, f = shared.b, shared.f
   actual = Decision(x=x, b=jnp.where(x, b, 0.0), f=jnp.where(x, f, 0.0))
   nu_b, nu_f = resource_prices(slots, actual, mec)
   return jnp.where(slots.mask, nu_b[..., None] * b + nu_f[..., None] * f, 0.0)
