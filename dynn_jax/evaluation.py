@@ -674,3 +674,36 @@ class _Moments(NamedTuple):
   def mean_ci(self) -> dict:
     var = max(self.m2, 0.0) / max(self.n - 1, 1)
     return {'mean': self.mean, 'ci95': 1.96 * math.sqrt(var / self.n)}
+
+
+def objective_gaps(results: EvalResult) -> dict[str, dict[str, float]]:
+  """Each method's mean objective over the oracle's and over the lower bound, minus 1
+  (the keys present are those the results allow)."""
+  refs = {}
+  if 'oracle' in results:
+    refs['oracle'] = results.mean('oracle')
+  if results.bound is not None:
+    refs['bound'] = results.bound['mean']
+  return {name: {ref: m['objective']['mean'] / value - 1.0 for ref, value in refs.items()}
+          for name, m in results.methods.items()}
+
+
+def methods_table(results: EvalResult) -> str:
+  """One evaluation's methods as a fixed-width text table (what the launchers and the
+  training summary print), with each method's gap to the oracle and the bound."""
+  gaps = objective_gaps(results)
+  refs = next(iter(gaps.values()), {}).keys()
+  header = (f'{"method":12s} {"objective":>10s} ' + ''.join(f'{"vs " + r + " %":>12s} ' for r in refs)
+            + f'{"delay ms":>9s} {"miss %":>7s} '
+            f'{"energy J":>9s} {"w.delay":>8s} {"inf.share":>9s} {"Mops":>7s} {"offload":>7s}')
+  lines = [header]
+  for name, m in results.methods.items():
+    lines.append(f'{name:12s} {m["objective"]["mean"]:10.4f} '
+                 + ''.join(f'{100 * gaps[name][r]:12.2f} ' for r in refs)
+                 + f'{1e3 * m["mean_delay"]["mean"]:9.3f}'
+                 f' {100 * m["miss_ratio"]["mean"]:7.2f} {m["total_energy"]["mean"]:9.4f}'
+                 f' {m["weighted_delay"]["mean"]:8.4f} {m["inference_share"]["mean"]:9.4f}'
+                 f' {m["ops"]["mean"] / 1e6:7.3f} {m["offload_ratio"]["mean"]:7.3f}')
+  if results.bound is not None:
+    lines.append(f'{"lower bound":12s} {results.bound["mean"]:10.4f}')
+  return '\n'.join(lines)

@@ -73,3 +73,13 @@ def quality_gaps(mec: MECConfig, model: ModelConfig, params: Params, slots: int,
   if params.static is not None:
     out['static_gap'] = float(static_gap(model, mec, params.static, held))
   return out
+
+
+def gap_table(gaps: list[list[float]]) -> str:
+  """Every sub-network's gap to the weighted optimum (`quality_gaps`'s
+  'subnetwork_gap') as a text table, one row per k."""
+  gaps = np.asarray(gaps)
+  lines = ['weighted-delay gap to kkt_weighted (%), every (k, l):\n' + ' ' * 20 + ' '.join(f'l={l + 1:<6d}' for l in range(gaps.shape[1]))]
+  for k in range(gaps.shape[0]):
+    lines.append(f'k={k + 1:<18d}' + ' '.join(f'{100 * g:<8.2f}' for g in gaps[k]))
+  return '\n'.join(lines)

@@ -244,8 +244,11 @@ def agent_points(agent: Networks, nets: Networks, key: 'SweepKey', values, resul
 
 
 def with_agent(point: dict, agent_point: dict) -> dict:
-  """A sweep point with the agent's results merged into the result sets both hold."""
+  """A sweep point with the agent's results merged into the result sets both hold (and
+  its compute time added to the point's: the report sums them)."""
   out = dict(point)
+  if point.get('seconds') is not None and agent_point.get('seconds') is not None:
+    out['seconds'] = point['seconds'] + agent_point['seconds']
   for part in POINT_RESULTS[:2]:
     if point.get(part) is not None and agent_point.get(part) is not None:
       out[part] = point[part].merged(agent_point[part], names=(AGENT_METHOD,))

@@ -17,7 +17,6 @@ from absl import app, flags
 from dynn_jax import cli, distributed, evaluation
 from dynn_jax.config import MECConfig
 from dynn_jax.io import write_json_atomic
-from dynn_jax.report.tables import methods_table
 from dynn_jax.runs import Progress
 from dynn_jax.networks import LOSSES, load_networks, trained_loss
 
@@ -99,7 +98,7 @@ def main(argv):
   print(f'case {mec.case}, networks {FLAGS.networks} (trained with loss={loss}), '
         f'{results.slots} slots, {results.mode} inference delay, '
         f'{results.devices} device(s)')
-  print(methods_table(results))
+  print(evaluation.methods_table(results))
   bad = [f'{name}.{metric}.{key}' for name, metrics in results.methods.items()
          for metric, stat in metrics.items() for key in ('mean', 'ci95')
          if not math.isfinite(stat[key])]

@@ -12,13 +12,13 @@ import pytest
 from dynn_jax import MECConfig, optimal_allocation, sample_slots, slot_costs
 from dynn_jax.config import ConfigError
 from dynn_jax.evaluation import (EvalResult, Params, Setting, check_methods,
-                                 chunk_trace_count, evaluate, evaluate_sweep)
+                                 chunk_trace_count, evaluate, evaluate_sweep, methods_table,
+                                 objective_gaps)
 from dynn_jax.latency import MeasuredTable
 from dynn_jax.models import ModelConfig, MoEAllocator, Policy, Scheduler, StaticAllocator
 from dynn_jax.reproduce import SweepKey, compared, parse_sweeps
 from dynn_jax.report.markdown import points_network_ops, tally
-from dynn_jax.report.tables import (headline_table, methods_table, objective_gap_table,
-                                    objective_gaps)
+from dynn_jax.report.tables import headline_table, objective_gap_table
 from dynn_jax.networks import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

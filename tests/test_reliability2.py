@@ -53,6 +53,7 @@ def _sweep_setup(tmp_path, monkeypatch):
     return [{'sweep': sweep, 'value': v, 'results': dict(_RESULT)} for v in values]
 
   monkeypatch.setattr(reproduce, 'sweep_points', sweep_points)
+  monkeypatch.setattr(reproduce, 'sweep_methods', lambda nets: ('a',))
   nets = {1: types.SimpleNamespace(fingerprint='nets')}
   run = lambda: reproduce.run_sweeps(nets, str(tmp_path), cases=[1], sweeps=['data'], slots=8,
                                      ga_slots=0, seed=0, points_per_sweep=2)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dynn_jax import cost_study, delay, exit_study, ops, paper
 from dynn_jax.config import MECConfig
-from dynn_jax.evaluation import EvalResult
+from dynn_jax.evaluation import EvalResult, objective_gaps
 from dynn_jax.models import POOLED_DIM
 from dynn_jax.report.differences import differences
 from dynn_jax.report.tables import (POLICIES, headline_table, objective_gap_table,
-                                    objective_gaps, paper_comparison, picks_table,
-                                    sweep_table)
-from dynn_jax.reproduce import OBJECTIVE_PREFIX, POINT_RESULTS, SWEEPS, SweepKey, compared
+                                    paper_comparison, picks_table, sweep_table)
+from dynn_jax.reproduce import (AGENT_METHOD, OBJECTIVE_PREFIX, POINT_RESULTS, SWEEPS, SweepKey,
+                                compared)
 from dynn_jax.training.config import SCHEDULES
 
 OBJ = OBJECTIVE_PREFIX
@@ -88,11 +88,14 @@ def conclusions(sweeps: dict, nets: dict) -> list[str]:
                # Paper Fig. 5: the policy below every fixed-size network, both pipelines.
                + [('policy_moe', w, m) for w in ('fix_moe', 'fix_width', 'fix_depth', 'static')
                   for m in both]
-               + [(OBJ + 'policy_moe', OBJ + w, m) for w in ('fix_moe', 'static') for m in both],
+               + [(OBJ + 'policy_moe', OBJ + w, m) for w in ('fix_moe', 'static') for m in both]
+               # The RL baseline against the objective-trained pipeline.
+               + [(AGENT_METHOD, OBJ + 'policy_moe', 'objective')],
             2: [(b, w, 'objective') for b, w in YARDSTICK_PAIRS[2]]
                + [(f'{pre}pmrl', w, m) for pre in ('', OBJ) for w in ('local', 'random')
                   for m in both]
-               + [(OBJ + 'pmrl', 'pmrl', 'objective')]}
+               + [(OBJ + 'pmrl', 'pmrl', 'objective'), (AGENT_METHOD, 'random', 'objective'),
+                  (AGENT_METHOD, OBJ + 'pmrl', 'objective')]}
   for case, pairs in checks.items():
     for better, worse, metric in pairs:
       line = tally(sweeps, case, better, worse, metric)
@@ -101,7 +104,7 @@ def conclusions(sweeps: dict, nets: dict) -> list[str]:
     point = default_point(sweeps, nets, case)
     if point is not None:
       gaps = objective_gaps(compared(point, 'oracle'))
-      for name in POLICIES:
+      for name in POLICIES + (AGENT_METHOD,):
         if name in gaps and 'oracle' in gaps[name]:
           share = point['results'][name]['inference_share']['mean']
           lines.append(f'- Case {case}, default point: {name} is '

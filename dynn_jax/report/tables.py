@@ -1,5 +1,6 @@
-"""Tables of results: one evaluation's methods (for stdout and summaries), the sub-networks'
-quality gaps, and the markdown and CSV tables of sweep points.
+"""Tables of the reproduction: markdown and CSV tables of sweep points and the default
+points (one evaluation's text table is `evaluation.methods_table`, the sub-networks'
+gaps `quality.gap_table`).
 
 Pure functions from results to text: nothing here evaluates, decides a conclusion or
 writes a file (`markdown` draws the conclusions, launchers write the files).
@@ -10,52 +11,11 @@ from __future__ import annotations
 import csv
 import io
 
-import numpy as np
-
-from dynn_jax.evaluation import EvalResult
+from dynn_jax.evaluation import EvalResult, objective_gaps
 from dynn_jax.reproduce import OBJECTIVE_PREFIX, compared
 
 # The methods that pick an exit per slot: each pipeline's policy, of both losses.
 POLICIES = ('policy_moe', 'pmrl', OBJECTIVE_PREFIX + 'policy_moe', OBJECTIVE_PREFIX + 'pmrl')
-
-
-def objective_gaps(results: dict) -> dict[str, dict[str, float]]:
-  """Each method's mean objective over the oracle's and over the lower bound, minus 1
-  (the keys present are those the results allow)."""
-  refs = {}
-  if 'oracle' in results:
-    refs['oracle'] = results.mean('oracle')
-  if results.bound is not None:
-    refs['bound'] = results.bound['mean']
-  return {name: {ref: m['objective']['mean'] / value - 1.0 for ref, value in refs.items()}
-          for name, m in results.methods.items()}
-
-
-def methods_table(results: EvalResult) -> str:
-  gaps = objective_gaps(results)
-  refs = next(iter(gaps.values()), {}).keys()
-  header = (f'{"method":12s} {"objective":>10s} ' + ''.join(f'{"vs " + r + " %":>12s} ' for r in refs)
-            + f'{"delay ms":>9s} {"miss %":>7s} '
-            f'{"energy J":>9s} {"w.delay":>8s} {"inf.share":>9s} {"Mops":>7s} {"offload":>7s}')
-  lines = [header]
-  for name, m in results.methods.items():
-    lines.append(f'{name:12s} {m["objective"]["mean"]:10.4f} '
-                 + ''.join(f'{100 * gaps[name][r]:12.2f} ' for r in refs)
-                 + f'{1e3 * m["mean_delay"]["mean"]:9.3f}'
-                 f' {100 * m["miss_ratio"]["mean"]:7.2f} {m["total_energy"]["mean"]:9.4f}'
-                 f' {m["weighted_delay"]["mean"]:8.4f} {m["inference_share"]["mean"]:9.4f}'
-                 f' {m["ops"]["mean"] / 1e6:7.3f} {m["offload_ratio"]["mean"]:7.3f}')
-  if results.bound is not None:
-    lines.append(f'{"lower bound":12s} {results.bound["mean"]:10.4f}')
-  return '\n'.join(lines)
-
-
-def gap_table(gaps: list[list[float]]) -> str:
-  gaps = np.asarray(gaps)
-  lines = ['weighted-delay gap to kkt_weighted (%), every (k, l):\n' + ' ' * 20 + ' '.join(f'l={l + 1:<6d}' for l in range(gaps.shape[1]))]
-  for k in range(gaps.shape[0]):
-    lines.append(f'k={k + 1:<18d}' + ' '.join(f'{100 * g:<8.2f}' for g in gaps[k]))
-  return '\n'.join(lines)
 
 
 def _fmt_ci(metric: dict, scale: float) -> str:

@@ -3,18 +3,17 @@ summary.json and prints): every sub-network's gap to the weighted optimum and th
 case's default methods evaluated on held-out slots, with the inference delays the
 networks were trained for.
 
-It evaluates and formats (the tables are `dynn_jax.report.tables`'); it trains nothing
+It evaluates and formats (with the evaluation's and quality's own tables); it trains nothing
 and writes no file (the job writes the run directory).
 """
 
 from __future__ import annotations
 
 from dynn_jax.config import MECConfig
-from dynn_jax.evaluation import Setting, default_methods, evaluate
+from dynn_jax.evaluation import Setting, default_methods, evaluate, methods_table
 from dynn_jax.models import ModelConfig
 from dynn_jax.networks import Params
-from dynn_jax.quality import HELD_OUT_SEED, quality_gaps
-from dynn_jax.report.tables import gap_table, methods_table
+from dynn_jax.quality import HELD_OUT_SEED, gap_table, quality_gaps
 from dynn_jax.training.config import TrainConfig, training_delay
 
 
