@@ -132,15 +132,12 @@ def _expected_params(name: str, params: Params, mec: MECConfig, model: ModelConf
       module = agent_module(params.agent, mec.case, mec.width)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(f'{path}: agent: {e}') from None
-    return jax.eval_shape(lambda: init_params(module, key, mec, _full_mask(mec)))
+    # Its third argument is the offloading; only its shape matters here.
+    offload = jnp.ones((1, mec.width), bool)
+    return jax.eval_shape(lambda: init_params(module, key, mec, offload))
   module = {'allocator': MoEAllocator(model), 'static': StaticAllocator(model),
             'policy': Policy(model), 'scheduler': Scheduler(model)}[name]
   return jax.eval_shape(lambda: init_params(module, key, mec))
-
-
-def _full_mask(mec: MECConfig) -> jax.Array:
-  """The agent's offloading argument at init: the sampled slot's real users."""
-  return sample_slots(jax.random.PRNGKey(0), mec, 1).mask
 
 
 def check_params(params: Params, mec: MECConfig, model: ModelConfig, path: str) -> None:

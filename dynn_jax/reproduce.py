@@ -219,28 +219,24 @@ def agent_points(agent: Networks, nets: Networks, key: 'SweepKey', values, resul
                  *, slots: int, oracle_slots: int, seed: int, delay=None) -> list[dict]:
   """The RL agent ('ppo') at every value of a sweep of `nets`' system, on the slots of the
   sweep's points: the same seed, slot counts and chunk (both the default) give the same
-  slots (the slots do not depend on the methods; tested), so its `results` and `yardstick` merge into the points'
-  (`with_agent`). Cached one file per point, like the points."""
-  field, values = sweep_field(key.sweep), list(values)
+  slots (the slots do not depend on the methods; tested), so its `results` and
+  `yardstick` merge into the points' (`with_agent`). Cached like the points
+  (`cached_sweep`), in files of their own."""
+  field = sweep_field(key.sweep)
   setting = Setting(mec=nets.mec, model=agent.model, feature_config=agent.mec, delay=delay)
   settings = {'layout': POINT_LAYOUT, 'slots': slots, 'seed': seed,
               'oracle_slots': oracle_slots, 'agent': agent.fingerprint,
               'system': nets.mec.to_dict(), 'delay': delay_fingerprint(delay)}
-  names = {v: f'{AGENT_PREFIX}{key.name}_{v:g}' for v in values}
-  expect = {v: {'sweep': key.sweep, 'value': v} for v in values}
-  missing = [v for v in values if not _written(results_dir, names[v], settings, expect[v])]
-  fresh = {}
-  if missing:
-    start = time.perf_counter()
+
+  def compute(missing):
     runs = {part: evaluate_sweep(setting, (AGENT_METHOD,), agent.params, field, missing,
                                  slots=n, seed=seed, progress=True)
             for part, n in (('results', slots), ('yardstick', oracle_slots)) if n}
-    share = (time.perf_counter() - start) / len(missing)
-    fresh = {v: {'sweep': key.sweep, 'value': v, 'seconds': share}
-             | {part: results[i] for part, results in runs.items()}
-             for i, v in enumerate(missing)}
-  return [point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(fresh[v]),
-                                 settings, expect=expect[v])) for v in values]
+    return [{'sweep': key.sweep, 'value': v} | {part: r[i] for part, r in runs.items()}
+            for i, v in enumerate(missing)]
+
+  return cached_sweep(results_dir, AGENT_PREFIX + key.name, key.sweep, list(values),
+                      settings, compute)
 
 
 def with_agent(point: dict, agent_point: dict) -> dict:
@@ -265,8 +261,7 @@ def training_record(networks_path: str) -> dict:
   for path in candidates:
     if os.path.isfile(path):
       summary = read_json(path, 'training summary')
-      seconds = summary.get('train_wall_s') if isinstance(summary, dict) else None
-      return {'file': networks_path, 'seconds': seconds,
+      return {'file': networks_path, 'seconds': summary.get('train_wall_s'),
               'source': f'`{path}`' + (f' ({summary["train_wall_source"]})'
                                        if 'train_wall_source' in summary else '')}
   return {'file': networks_path, 'seconds': None, 'source': 'no summary beside the file'}
@@ -363,30 +358,38 @@ def run_sweeps(nets: dict[int, Networks], results_dir: str, *, cases, sweeps, sl
                 'objective_networks': obj.fingerprint if obj else None,
                 'delay': delay_fingerprint(delay)}
     values = sweep_values(sweep, points_per_sweep)
-    names = {value: f'{key.name}_{value:g}' for value in values}
-    expect = {value: {'sweep': sweep, 'value': value} for value in values}
-    missing = [v for v in values
-               if not _written(results_dir, names[v], settings, expect[v])]
-    fresh = {}
-    if missing:
-      start = time.perf_counter()
-      points = sweep_points(nets[case], sweep, missing, methods, slots=slots,
-                            oracle_slots=settings['oracle_slots'],
-                            ga_slots=settings['ga_slots'], seed=seed, delay=delay,
-                            objective=obj, objective_methods=obj_methods)
-      # Each point's share of its sweep's wall time, compiles included: the report
-      # sums them, whichever run computed the points.
-      share = (time.perf_counter() - start) / len(missing)
-      fresh = {v: p | {'seconds': share} for v, p in zip(missing, points)}
-    out[key] = [
-        point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(fresh[v]),
-                               settings, expect=expect[v])) for v in values]
+    out[key] = cached_sweep(
+        results_dir, key.name, sweep, values, settings,
+        lambda missing: sweep_points(nets[case], sweep, missing, methods, slots=slots,
+                                     oracle_slots=settings['oracle_slots'],
+                                     ga_slots=settings['ga_slots'], seed=seed, delay=delay,
+                                     objective=obj, objective_methods=obj_methods))
     agent = (agents or {}).get(case)
     if agent is not None and not large:
       theirs = agent_points(agent, nets[case], key, values, results_dir, slots=slots,
                             oracle_slots=settings['oracle_slots'], seed=seed, delay=delay)
       out[key] = [with_agent(p, a) for p, a in zip(out[key], theirs)]
   return out
+
+
+def cached_sweep(results_dir: str, name: str, sweep: str, values, settings: dict,
+                 compute) -> list[dict]:
+  """The points `<name>_<value>` of a sweep: those written with `settings` (and their own
+  sweep and value) are read back, the missing ones computed together by
+  `compute(missing values) -> points` and written one file each."""
+  names = {v: f'{name}_{v:g}' for v in values}
+  expect = {v: {'sweep': sweep, 'value': v} for v in values}
+  missing = [v for v in values if not _written(results_dir, names[v], settings, expect[v])]
+  fresh = {}
+  if missing:
+    start = time.perf_counter()
+    points = compute(missing)
+    # Each point's share of its sweep's wall time, compiles included: the report sums
+    # them, whichever run computed the points.
+    share = (time.perf_counter() - start) / len(missing)
+    fresh = {v: p | {'seconds': share} for v, p in zip(missing, points)}
+  return [point_from_json(cached(results_dir, names[v], lambda v=v: point_to_json(fresh[v]),
+                                 settings, expect=expect[v])) for v in values]
 
 
 def _written(results_dir: str, name: str, settings: dict, expect: dict) -> bool:
